@@ -1,0 +1,34 @@
+//! The batchrouter contract shared by every other crate.
+//!
+//! Destinations implement [`AsyncDestinationManager`] (or the smaller
+//! [`Uploader`] wrapped in [`SimpleAsyncDestinationManager`]); job stores
+//! implement [`JobStore`]; the router drives both. Nothing here knows about a
+//! concrete destination or database, so each side can change independently.
+
+pub mod classify;
+pub mod destination;
+pub mod error;
+pub mod job;
+pub mod lookup;
+pub mod manager;
+pub mod outcome;
+pub mod render;
+pub mod secret;
+pub mod store;
+pub mod telemetry;
+
+pub use destination::{parse_destination_config, ConfigProblems, DestinationContext};
+pub use error::{DestinationError, ErrorCode, StoreError, TransformError};
+pub use job::{ImportId, Job, JobId, JobState, NewJob, Timestamp};
+pub use lookup::{ByteSize, ConfigSource, KeyLookup, LookupError};
+pub use manager::{
+    AsyncDestinationManager, ImportHandle, ManagerLimits, SimpleAsyncDestinationManager,
+    StagedBatch, Uploader,
+};
+pub use outcome::{
+    validate_upload_output, JobError, NewImport, Outcome, OutputViolation, PollStatus,
+    UploadOutput, UploadStats,
+};
+pub use secret::Secret;
+pub use store::JobStore;
+pub use telemetry::{DestinationTelemetry, NoopTelemetry};

@@ -1,0 +1,1 @@
+//! Placeholder until the destination lands; see its issue.

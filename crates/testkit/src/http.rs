@@ -1,0 +1,345 @@
+//! A stand-in for a user's own HTTP endpoint (destination type `HTTP`).
+//!
+//! It accepts a JSON array of records (batch mode) or one JSON object (single
+//! mode), remembers which records it accepted, and can be scripted to fail
+//! the way real endpoints do: any status code, `Retry-After`, slow answers,
+//! connections dropped without an answer, and per-record rejection.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// One scripted answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Fault {
+    /// Status to answer (ignored when `drop_connection`).
+    pub status: u16,
+    /// `Retry-After` header value, verbatim.
+    pub retry_after: Option<String>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+    /// Close the connection without any answer.
+    pub drop_connection: bool,
+    /// Body to send.
+    pub body: String,
+}
+
+impl Fault {
+    /// Answer with `status` and a short JSON body.
+    pub fn status(status: u16) -> Self {
+        Fault {
+            status,
+            body: format!("{{\"error\":\"scripted status {status}\"}}"),
+            ..Default::default()
+        }
+    }
+
+    /// Answer 429 (or any status) with a `Retry-After` header.
+    pub fn with_retry_after(mut self, value: impl Into<String>) -> Self {
+        self.retry_after = Some(value.into());
+        self
+    }
+
+    /// Delay the answer.
+    pub fn delayed(mut self, d: Duration) -> Self {
+        self.delay = Some(d);
+        self
+    }
+
+    /// Drop the connection without answering.
+    pub fn dropped() -> Self {
+        Fault {
+            drop_connection: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// Reject any request holding a record whose `field` starts with `prefix`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RejectRule {
+    /// Record field to look at (top level).
+    pub field: String,
+    /// Matching prefix of its string value.
+    pub prefix: String,
+    /// Status to answer.
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Script {
+    queue: VecDeque<Fault>,
+    default: Option<Fault>,
+    rules: Vec<RejectRule>,
+}
+
+struct State {
+    key_field: String,
+    track_keys: bool,
+    script: Mutex<Script>,
+    accepted: Mutex<HashMap<String, u32>>,
+    accepted_records: AtomicU64,
+    requests: AtomicU64,
+    rejected_requests: AtomicU64,
+    bodies_bytes: AtomicU64,
+    headers_seen: Mutex<Vec<(String, String)>>,
+}
+
+/// A running stand-in; stops when dropped.
+pub struct HttpStandIn {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+}
+
+/// Options for [`HttpStandIn::start_with`].
+#[derive(Clone, Debug)]
+pub struct HttpStandInOptions {
+    /// Record field that identifies a record (default `id`).
+    pub key_field: String,
+    /// Remember every accepted key (turn off for million-record benchmarks).
+    pub track_keys: bool,
+}
+
+impl Default for HttpStandInOptions {
+    fn default() -> Self {
+        HttpStandInOptions {
+            key_field: "id".into(),
+            track_keys: true,
+        }
+    }
+}
+
+impl HttpStandIn {
+    /// Starts on 127.0.0.1 with a free port, remembering keys from field `id`.
+    pub async fn start() -> Self {
+        Self::start_with(HttpStandInOptions::default()).await
+    }
+
+    /// Starts with explicit options.
+    pub async fn start_with(opts: HttpStandInOptions) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(State {
+            key_field: opts.key_field,
+            track_keys: opts.track_keys,
+            script: Mutex::new(Script::default()),
+            accepted: Mutex::new(HashMap::new()),
+            accepted_records: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            rejected_requests: AtomicU64::new(0),
+            bodies_bytes: AtomicU64::new(0),
+            headers_seen: Mutex::new(Vec::new()),
+        });
+        let (stop, mut stopped) = watch::channel(false);
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stopped.changed() => return,
+                };
+                let st = st.clone();
+                let mut stopped_conn = stopped.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(st.clone(), req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stopped_conn.changed() => {}
+                    }
+                });
+            }
+        });
+        HttpStandIn { addr, state, stop }
+    }
+
+    /// The ingest URL (`http://127.0.0.1:PORT/ingest`).
+    pub fn url(&self) -> String {
+        format!("http://{}/ingest", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Answers the next request with `fault` (queued in order).
+    pub fn push_fault(&self, fault: Fault) {
+        self.state.script.lock().unwrap().queue.push_back(fault);
+    }
+
+    /// Answers every request with `fault` once the queue is empty (None: 200).
+    pub fn set_default(&self, fault: Option<Fault>) {
+        self.state.script.lock().unwrap().default = fault;
+    }
+
+    /// Adds a per-record rejection rule.
+    pub fn reject_when(&self, field: &str, prefix: &str, status: u16) {
+        self.state.script.lock().unwrap().rules.push(RejectRule {
+            field: field.into(),
+            prefix: prefix.into(),
+            status,
+        });
+    }
+
+    /// Removes every scripted fault and rule: the endpoint is healthy again.
+    pub fn heal(&self) {
+        *self.state.script.lock().unwrap() = Script::default();
+    }
+
+    /// How many times a record key was accepted.
+    pub fn accepted_count(&self, key: &str) -> u32 {
+        self.state.accepted.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    /// Snapshot of accepted keys and their counts.
+    pub fn accepted(&self) -> HashMap<String, u32> {
+        self.state.accepted.lock().unwrap().clone()
+    }
+
+    /// Records accepted in total (duplicates included).
+    pub fn accepted_records(&self) -> u64 {
+        self.state.accepted_records.load(Ordering::Relaxed)
+    }
+
+    /// Requests received (any outcome).
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests answered with a non-2xx status or dropped.
+    pub fn rejected_requests(&self) -> u64 {
+        self.state.rejected_requests.load(Ordering::Relaxed)
+    }
+
+    /// Request body bytes received.
+    pub fn body_bytes(&self) -> u64 {
+        self.state.bodies_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Headers of the last request (lower-case names), for header tests.
+    pub fn last_headers(&self) -> Vec<(String, String)> {
+        self.state.headers_seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for HttpStandIn {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A dropped connection: hyper closes the socket when the service errors.
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("scripted connection drop")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    *st.headers_seen.lock().unwrap() = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(Dropped),
+    };
+    st.bodies_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let fault = {
+        let mut s = st.script.lock().unwrap();
+        s.queue.pop_front().or_else(|| s.default.clone())
+    };
+    if let Some(f) = &fault {
+        if let Some(d) = f.delay {
+            tokio::time::sleep(d).await;
+        }
+        if f.drop_connection {
+            st.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            return Err(Dropped);
+        }
+        if !(200..300).contains(&f.status) {
+            st.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            let mut resp = Response::builder().status(f.status);
+            if let Some(ra) = &f.retry_after {
+                resp = resp.header("retry-after", ra);
+            }
+            return Ok(resp
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(f.body.clone())))
+                .unwrap());
+        }
+    }
+    let records: Vec<Value> = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(items)) => items,
+        Ok(v @ Value::Object(_)) => vec![v],
+        Ok(_) | Err(_) => {
+            st.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            return Ok(json_response(400, "{\"error\":\"body must be a JSON object or array\"}"));
+        }
+    };
+    let rules = st.script.lock().unwrap().rules.clone();
+    for r in &records {
+        for rule in &rules {
+            let hit = r
+                .get(&rule.field)
+                .and_then(Value::as_str)
+                .is_some_and(|v| v.starts_with(&rule.prefix));
+            if hit {
+                st.rejected_requests.fetch_add(1, Ordering::Relaxed);
+                let key = record_key(&st.key_field, r);
+                return Ok(json_response(
+                    rule.status,
+                    &format!("{{\"error\":\"record {key} rejected: {} starts with {}\"}}", rule.field, rule.prefix),
+                ));
+            }
+        }
+    }
+    st.accepted_records
+        .fetch_add(records.len() as u64, Ordering::Relaxed);
+    if st.track_keys {
+        let mut acc = st.accepted.lock().unwrap();
+        for r in &records {
+            *acc.entry(record_key(&st.key_field, r)).or_insert(0) += 1;
+        }
+    }
+    let status = fault.map(|f| f.status).unwrap_or(200);
+    Ok(json_response(status, "{\"status\":\"ok\"}"))
+}
+
+fn record_key(field: &str, record: &Value) -> String {
+    match record.get(field) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::from("<no key>"),
+    }
+}
+
+fn json_response(status: u16, body: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
