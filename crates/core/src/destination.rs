@@ -172,7 +172,7 @@ mod tests {
         let err = parse_destination_config::<Cfg>(&serde_json::json!("x"), KEYS).unwrap_err();
         assert!(err.0[0].contains("must be a table"), "{err:?}");
         let ok: Cfg = parse_destination_config(&serde_json::json!({"url": "u", "maxInFlight": 2}), KEYS).unwrap();
-        assert_eq!(ok.max_in_flight, Some(2));
+        assert_eq!((ok.url.as_str(), ok.max_in_flight), ("u", Some(2)));
     }
 
     #[test]

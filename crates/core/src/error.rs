@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Why a job failed or was aborted, as a stable machine-readable word. These
 /// strings are stored with the job and shown by the API, so dashboards and
 /// scripts can rely on them; never rename one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The destination could not turn the payload into a line (bad record).

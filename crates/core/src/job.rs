@@ -60,7 +60,7 @@ impl Sub<Duration> for Timestamp {
 }
 
 /// The lifecycle of a job; the words are part of the store and API contract.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// New, or due again at its next attempt time.

@@ -60,7 +60,19 @@ pub fn is_secret_key(key: &str) -> bool {
     if k.ends_with("path") || k.ends_with("file") {
         return false;
     }
-    ["secret", "password", "passphrase", "token", "apikey", "api_key", "privatekey", "private_key"]
+    [
+        "secret",
+        "password",
+        "passphrase",
+        "token",
+        "apikey",
+        "api_key",
+        "api-key",
+        "privatekey",
+        "private_key",
+        "authorization",
+        "cookie",
+    ]
         .iter()
         .any(|needle| k.contains(needle))
 }
@@ -82,7 +94,16 @@ mod tests {
 
     #[test]
     fn recognises_secret_keys() {
-        for k in ["clientSecret", "password", "privateApiKey", "authToken", "privateKey", "privateKeyPassphrase"] {
+        for k in [
+            "clientSecret",
+            "password",
+            "privateApiKey",
+            "authToken",
+            "privateKey",
+            "privateKeyPassphrase",
+            "Authorization",
+            "X-API-Key",
+        ] {
             assert!(is_secret_key(k), "{k}");
         }
         for k in ["clientId", "host", "username", "listId", "privateKeyPath"] {

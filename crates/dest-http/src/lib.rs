@@ -1,1 +1,60 @@
-//! Placeholder.
+//! `HTTP`: fire-and-forget delivery of records to a user's own endpoint.
+//!
+//! Records are sent as they were enqueued, either as JSON arrays of up to
+//! `maxBatchSize` records (`mode = "batch"`) or one request per record with
+//! at most `maxInFlight` in flight (`mode = "single"`). Delivery is final when
+//! the endpoint answers 2xx; 408/429/5xx, timeouts and dropped connections
+//! are retried by the router; other 4xx abort the records with the status.
+//!
+//! Layout: [`config`] (what users write) → [`transform`] (payload → line) →
+//! [`upload`] (requests and outcome classification).
+
+pub mod config;
+pub mod transform;
+pub mod upload;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use batchrouter_core::{
+    AsyncDestinationManager, ConfigProblems, DestinationContext, Job, SimpleAsyncDestinationManager,
+    StagedBatch, TransformError, UploadOutput, Uploader,
+};
+
+pub use config::{HttpConfig, Method, Mode, CONFIG_KEYS};
+
+/// The type name users write in `[[destinations]] type = "HTTP"`.
+pub const DESTINATION_TYPE: &str = "HTTP";
+
+/// Validates the config (every problem at once) and builds the manager.
+/// No network I/O happens here.
+pub fn build(
+    ctx: &DestinationContext,
+    config: &serde_json::Value,
+) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
+    let validated = config::validate(config)?;
+    let client = upload::Client::new(validated, ctx.telemetry.clone()).map_err(ConfigProblems::one)?;
+    Ok(Arc::new(SimpleAsyncDestinationManager::new(HttpUploader {
+        destination_id: ctx.id.clone(),
+        client,
+    })))
+}
+
+/// The fire-and-forget uploader behind the `HTTP` destination.
+pub struct HttpUploader {
+    destination_id: String,
+    client: upload::Client,
+}
+
+#[async_trait]
+impl Uploader for HttpUploader {
+    fn transform(&self, job: &Job) -> Result<String, TransformError> {
+        transform::to_line(&job.payload)
+    }
+
+    async fn upload(&self, batch: &StagedBatch) -> UploadOutput {
+        let out = self.client.send_batch(batch).await;
+        tracing::debug!(destination_id = %self.destination_id, batch_id = %batch.batch_id, jobs = batch.job_ids.len(), "HTTP batch sent.");
+        out
+    }
+}

@@ -95,6 +95,7 @@ struct State {
     rejected_requests: AtomicU64,
     bodies_bytes: AtomicU64,
     headers_seen: Mutex<Vec<(String, String)>>,
+    last_method: Mutex<String>,
 }
 
 /// A running stand-in; stops when dropped.
@@ -142,6 +143,7 @@ impl HttpStandIn {
             rejected_requests: AtomicU64::new(0),
             bodies_bytes: AtomicU64::new(0),
             headers_seen: Mutex::new(Vec::new()),
+            last_method: Mutex::new(String::new()),
         });
         let (stop, mut stopped) = watch::channel(false);
         let st = state.clone();
@@ -231,6 +233,11 @@ impl HttpStandIn {
         self.state.bodies_bytes.load(Ordering::Relaxed)
     }
 
+    /// Method of the last request.
+    pub fn last_method(&self) -> String {
+        self.state.last_method.lock().unwrap().clone()
+    }
+
     /// Headers of the last request (lower-case names), for header tests.
     pub fn last_headers(&self) -> Vec<(String, String)> {
         self.state.headers_seen.lock().unwrap().clone()
@@ -257,6 +264,7 @@ impl std::error::Error for Dropped {}
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
     st.requests.fetch_add(1, Ordering::Relaxed);
+    *st.last_method.lock().unwrap() = req.method().to_string();
     *st.headers_seen.lock().unwrap() = req
         .headers()
         .iter()

@@ -1,0 +1,33 @@
+//! Payload → staged line: the record is sent as enqueued, so the line is the
+//! payload itself, checked to be JSON and kept on one line.
+
+use batchrouter_core::TransformError;
+
+/// The staged line for a payload; invalid JSON aborts the job.
+pub fn to_line(payload: &str) -> Result<String, TransformError> {
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(payload) {
+        return Err(TransformError::new(format!("payload is not valid JSON: {e}")));
+    }
+    if payload.contains(['\n', '\r']) {
+        // Pretty-printed JSON: newlines are insignificant whitespace there
+        // (inside strings they are escaped), so compacting keeps the record.
+        let v: serde_json::Value =
+            serde_json::from_str(payload).map_err(|e| TransformError::new(e.to_string()))?;
+        return Ok(v.to_string());
+    }
+    Ok(payload.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_payload_compacts_newlines_rejects_bad_json() {
+        assert_eq!(to_line(r#"{"a": 1}"#).unwrap(), r#"{"a": 1}"#);
+        assert_eq!(to_line("{\n  \"a\": \"x\\ny\"\n}").unwrap(), r#"{"a":"x\ny"}"#);
+        let e = to_line("{\"a\": ").unwrap_err();
+        assert!(e.to_string().starts_with("payload is not valid JSON"), "{e}");
+        assert_eq!(to_line("[1,2]").unwrap(), "[1,2]");
+    }
+}

@@ -1,0 +1,364 @@
+//! The batchrouter engine.
+//!
+//! Per destination it runs an upload worker (claim → transform → stage →
+//! cut → upload → commit) and a poll loop (poll imports → fetch stats →
+//! commit), so one slow or broken destination never stalls another. A
+//! maintenance task takes back expired leases, refreshes gauges and sweeps
+//! old terminal jobs. Every decision is persisted in the [`JobStore`]
+//! before it matters, so a restart resumes instead of starting over.
+//!
+//! ```text
+//! job ─▶ claim ─▶ transform ─▶ stage ─▶ upload ─┬─▶ succeeded | failed | aborted
+//!                                               └─▶ import ─▶ poll ─▶ stats ─▶ outcome
+//! ```
+
+pub mod events;
+pub mod factory;
+pub mod metrics;
+pub mod retry;
+pub mod settings;
+pub mod staging;
+pub mod timed_store;
+
+mod poller;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use batchrouter_core::{AsyncDestinationManager, JobState, JobStore, StoreError, Timestamp};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use events::DestinationEvents;
+pub use metrics::Metrics;
+pub use settings::RouterSettings;
+pub use timed_store::TimedStore;
+
+/// One destination's runtime state, shared by its worker and poll loop.
+pub(crate) struct Destination {
+    pub(crate) id: Arc<str>,
+    pub(crate) kind: Arc<str>,
+    pub(crate) manager: Arc<dyn AsyncDestinationManager>,
+    pub(crate) settings: RouterSettings,
+    pub(crate) events: DestinationEvents,
+    /// New jobs, a freed upload slot or a finished import.
+    pub(crate) wake_worker: Notify,
+    /// A new import to poll.
+    pub(crate) wake_poller: Notify,
+    /// The destination asked us to pause (throttling) until then.
+    pub(crate) paused_until: Mutex<Option<Timestamp>>,
+}
+
+/// What every task of one router shares.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn JobStore>,
+    pub(crate) owner: String,
+    pub(crate) staging_dir: PathBuf,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The store failed during start-up recovery.
+    #[error("start-up recovery failed: {0}")]
+    Recovery(#[from] StoreError),
+    /// Two destinations share an id.
+    #[error("destination id `{0}` is configured twice")]
+    DuplicateDestination(String),
+    /// The staging directory is unusable.
+    #[error("staging directory {0}: {1}")]
+    Staging(PathBuf, std::io::Error),
+}
+
+/// Router-wide options.
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    /// Lease owner name; unique per process.
+    pub owner: String,
+    /// Where staged files go (a subdirectory per destination).
+    pub staging_dir: PathBuf,
+    /// Terminal jobs older than this are deleted.
+    pub job_retention: Duration,
+    /// How often maintenance runs (lease reclaim, gauges, retention).
+    pub maintenance_interval: Duration,
+}
+
+impl RouterOptions {
+    /// Defaults with a unique owner and staging under the system temp dir.
+    pub fn new() -> Self {
+        RouterOptions {
+            owner: default_owner(),
+            staging_dir: std::env::temp_dir().join("batchrouter-staging"),
+            job_retention: RouterSettings::default().job_retention,
+            maintenance_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A unique lease owner: host, pid and a random suffix.
+pub fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "host".into());
+    format!("{}:{}:{:08x}", host.trim(), std::process::id(), fastrand::u32(..))
+}
+
+/// Collects destinations, then starts the engine.
+pub struct RouterBuilder {
+    store: Arc<dyn JobStore>,
+    metrics: Arc<Metrics>,
+    options: RouterOptions,
+    destinations: Vec<(String, String, Arc<dyn AsyncDestinationManager>, RouterSettings)>,
+}
+
+impl RouterBuilder {
+    /// Starts a builder; the store is wrapped so every call is timed.
+    pub fn new(store: Arc<dyn JobStore>, metrics: Arc<Metrics>, options: RouterOptions) -> Self {
+        RouterBuilder {
+            store: Arc::new(TimedStore::new(store, &metrics)),
+            metrics,
+            options,
+            destinations: Vec::new(),
+        }
+    }
+
+    /// Adds a destination with its manager and resolved settings (the
+    /// manager's own limits are applied on top).
+    pub fn destination(
+        mut self,
+        id: impl Into<String>,
+        kind: impl Into<String>,
+        manager: Arc<dyn AsyncDestinationManager>,
+        settings: RouterSettings,
+    ) -> Self {
+        let settings = settings.with_limits(manager.limits());
+        self.destinations.push((id.into(), kind.into(), manager, settings));
+        self
+    }
+
+    /// Recovers leases and starts every task.
+    pub async fn start(self) -> Result<Router, RouterError> {
+        let mut seen = std::collections::HashSet::new();
+        for (id, ..) in &self.destinations {
+            if !seen.insert(id.clone()) {
+                return Err(RouterError::DuplicateDestination(id.clone()));
+            }
+        }
+        std::fs::create_dir_all(&self.options.staging_dir)
+            .map_err(|e| RouterError::Staging(self.options.staging_dir.clone(), e))?;
+        let report = self.store.recover(Timestamp::now()).await?;
+        tracing::info!(
+            owner = %self.options.owner,
+            jobs_released = report.jobs_released,
+            imports_resumed = report.imports_released,
+            slots_released = report.slots_released,
+            "Router recovered leases from earlier runs."
+        );
+        let shared = Arc::new(Shared {
+            store: self.store.clone(),
+            owner: self.options.owner.clone(),
+            staging_dir: self.options.staging_dir.clone(),
+            shutdown: CancellationToken::new(),
+        });
+        let mut dests = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for (id, kind, manager, settings) in self.destinations {
+            let d = Arc::new(Destination {
+                events: DestinationEvents::new(self.metrics.clone(), &kind, &id),
+                id: id.as_str().into(),
+                kind: kind.as_str().into(),
+                manager,
+                settings,
+                wake_worker: Notify::new(),
+                wake_poller: Notify::new(),
+                paused_until: Mutex::new(None),
+            });
+            tracing::info!(destination_id = %id, destination_type = %kind, "Starting destination worker and poll loop.");
+            tasks.push(tokio::spawn(worker::run(d.clone(), shared.clone())));
+            tasks.push(tokio::spawn(poller::run(d.clone(), shared.clone())));
+            dests.insert(id, d);
+        }
+        let maintenance = tokio::spawn(maintenance(
+            shared.clone(),
+            dests.clone(),
+            self.metrics.clone(),
+            self.options.job_retention,
+            self.options.maintenance_interval,
+        ));
+        Ok(Router {
+            shared,
+            dests,
+            tasks,
+            maintenance,
+        })
+    }
+}
+
+/// A running engine.
+pub struct Router {
+    shared: Arc<Shared>,
+    dests: BTreeMap<String, Arc<Destination>>,
+    tasks: Vec<JoinHandle<()>>,
+    maintenance: JoinHandle<()>,
+}
+
+/// What a graceful shutdown achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every task stopped within the timeout.
+    pub clean: bool,
+}
+
+impl Router {
+    /// Wakes a destination's worker (new jobs were just inserted).
+    pub fn wake(&self, destination_id: &str) {
+        if let Some(d) = self.dests.get(destination_id) {
+            d.wake_worker.notify_one();
+        }
+    }
+
+    /// Wakes every worker.
+    pub fn wake_all(&self) {
+        self.dests.values().for_each(|d| d.wake_worker.notify_one());
+    }
+
+    /// Whether every worker and poll loop is still running.
+    pub fn healthy(&self) -> bool {
+        !self.shared.shutdown.is_cancelled() && self.tasks.iter().all(|t| !t.is_finished())
+    }
+
+    /// The lease owner name of this router.
+    pub fn owner(&self) -> &str {
+        &self.shared.owner
+    }
+
+    /// The store as the router uses it (timed).
+    pub fn store(&self) -> Arc<dyn JobStore> {
+        self.shared.store.clone()
+    }
+
+    /// A handle that begins a graceful shutdown when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Graceful shutdown: stop claiming, release what was never uploaded,
+    /// let uploads in flight finish within each destination's
+    /// `shutdownTimeout`, then stop.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.shared.shutdown.cancel();
+        let limit = self
+            .dests
+            .values()
+            .map(|d| d.settings.shutdown_timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(30))
+            + Duration::from_secs(2);
+        let all = futures::future::join_all(self.tasks);
+        let clean = tokio::time::timeout(limit, all).await.is_ok();
+        self.maintenance.abort();
+        tracing::info!(clean, "Router stopped.");
+        ShutdownReport { clean }
+    }
+
+    /// Stops every task at once without persisting anything, as a crash
+    /// would (for tests of recovery).
+    pub fn abort(self) {
+        self.shared.shutdown.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.maintenance.abort();
+    }
+}
+
+async fn maintenance(
+    shared: Arc<Shared>,
+    dests: BTreeMap<String, Arc<Destination>>,
+    metrics: Arc<Metrics>,
+    retention: Duration,
+    every: Duration,
+) {
+    let mut last_sweep: Option<std::time::Instant> = None;
+    loop {
+        let now = Timestamp::now();
+        match shared.store.reclaim_expired(now).await {
+            Ok(r) if r.jobs_released + r.imports_released > 0 => {
+                tracing::warn!(
+                    jobs = r.jobs_released, imports = r.imports_released,
+                    "Took back work whose lease expired (its holder stopped renewing)."
+                );
+                for d in dests.values() {
+                    d.wake_worker.notify_one();
+                    d.wake_poller.notify_one();
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Lease reclaim failed."),
+        }
+        refresh_gauges(&shared, &dests, &metrics).await;
+        if last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(600).min(every * 60)) {
+            last_sweep = Some(std::time::Instant::now());
+            sweep(&shared, now - retention).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn refresh_gauges(shared: &Shared, dests: &BTreeMap<String, Arc<Destination>>, metrics: &Metrics) {
+    let counts = match shared.store.destination_counts().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Could not refresh state gauges.");
+            return;
+        }
+    };
+    for (id, d) in dests {
+        let c = counts.get(id);
+        for state in JobState::ALL {
+            let n = c.and_then(|c| c.by_state.get(&state)).copied().unwrap_or(0);
+            metrics
+                .jobs_in_state
+                .with_label_values(&[&*d.kind, id.as_str(), state.as_str()])
+                .set(n as i64);
+        }
+        metrics
+            .imports_in_progress
+            .with_label_values(&[&*d.kind, id.as_str()])
+            .set(c.map_or(0, |c| c.imports_in_flight) as i64);
+    }
+}
+
+async fn sweep(shared: &Shared, before: Timestamp) {
+    const BATCH: usize = 10_000;
+    let mut total = 0u64;
+    loop {
+        match shared.store.sweep_terminal(before, BATCH).await {
+            Ok(n) => {
+                total += n;
+                if (n as usize) < BATCH || shared.shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Retention sweep failed.");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(deleted = total, "Retention sweep deleted old terminal jobs.");
+    }
+}

@@ -1,0 +1,352 @@
+//! The per-destination poll loop: polls imports in flight, fetches per-job
+//! stats when they complete and writes every job's outcome. A poll that
+//! errors never fails an import: it is retried until the import deadline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use batchrouter_core::store::{
+    AttemptInfo, ImportFinish, ImportRecord, ImportState, JobTransition, PollUpdate, Transition,
+};
+use batchrouter_core::{
+    DestinationError, ErrorCode, ImportHandle, JobError, JobId, Outcome, PollStatus, Timestamp,
+    UploadStats,
+};
+
+use crate::events::{FencedWritesRejected, PollFinished, PollResult, StateChanges};
+use crate::retry;
+use crate::{Destination, Shared};
+
+/// Imports claimed per round.
+const CLAIM_LIMIT: usize = 32;
+
+pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
+    let s = &dest.settings;
+    loop {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        let now = Timestamp::now();
+        let claimed = match shared
+            .store
+            .claim_due_imports(&dest.id, &shared.owner, CLAIM_LIMIT, now, now + s.lease_timeout)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(destination_id = %dest.id, error = %e, "Could not claim imports to poll.");
+                Vec::new()
+            }
+        };
+        let n = claimed.len();
+        for imp in claimed {
+            if shared.shutdown.is_cancelled() {
+                break;
+            }
+            poll_one(&dest, &shared, imp).await;
+        }
+        if n == CLAIM_LIMIT {
+            continue;
+        }
+        let now = Timestamp::now();
+        let wait = match shared.store.next_poll_due(&dest.id).await {
+            Ok(Some(t)) if t > now => t.since(now).min(s.poll_interval),
+            // Due but not ours (another daemon holds the lease) or unknown.
+            Ok(Some(_)) | Err(_) => s.poll_interval.min(Duration::from_secs(1)),
+            Ok(None) => s.poll_interval,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+            _ = dest.wake_poller.notified() => {}
+            _ = shared.shutdown.cancelled() => {}
+        }
+    }
+}
+
+async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportRecord) {
+    let s = &dest.settings;
+    let infos = match shared.store.importing_jobs(imp.id).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(destination_id = %dest.id, import_id = imp.id, error = %e, "Could not read an import's jobs.");
+            return;
+        }
+    };
+    let now = Timestamp::now();
+    if now >= imp.deadline_at {
+        let error = JobError::new(
+            ErrorCode::DeadlineExceeded,
+            format!(
+                "import {} still in progress after asyncImportDeadline ({})",
+                imp.id,
+                crate::settings::fmt_duration(s.import_deadline)
+            ),
+        );
+        let transitions = infos
+            .iter()
+            .map(|j| JobTransition {
+                job_id: j.job_id,
+                to: retry::after_failure(s, j, error.clone(), now, None, fastrand::f64()),
+            })
+            .collect();
+        PollFinished {
+            import_id: imp.id,
+            result: PollResult::DeadlineExceeded,
+            progress: None,
+            error: Some(&error.message),
+            poll_errors: imp.poll_errors,
+        }
+        .emit(&dest.events);
+        finish(dest, shared, &imp, &infos, ImportState::Failed, Some(error), transitions).await;
+        return;
+    }
+    if infos.is_empty() {
+        // Every job was decided elsewhere (e.g. re-driven); nothing to poll.
+        finish(dest, shared, &imp, &infos, ImportState::Completed, None, Vec::new()).await;
+        return;
+    }
+    let handle = ImportHandle {
+        id: imp.id,
+        destination_id: imp.destination_id.clone(),
+        batch_id: imp.batch_id.clone(),
+        context: imp.context.clone(),
+        job_ids: infos.iter().map(|j| j.job_id).collect(),
+        started_at: imp.started_at,
+    };
+    let polled = match tokio::time::timeout(s.upload_timeout, dest.manager.poll(&handle)).await {
+        Ok(r) => r,
+        Err(_) => Err(DestinationError::retryable("poll timed out")),
+    };
+    match polled {
+        Err(e) => poll_error(dest, shared, &imp, &e, "poll").await,
+        Ok(PollStatus::InProgress { processed, total }) => {
+            let progress = match (processed, total) {
+                (Some(p), Some(t)) if t > 0 => Some(((p.min(t) * 100) / t) as u8),
+                _ => None,
+            };
+            PollFinished {
+                import_id: imp.id,
+                result: PollResult::InProgress,
+                progress,
+                error: None,
+                poll_errors: imp.poll_errors,
+            }
+            .emit(&dest.events);
+            reschedule(dest, shared, &imp, ImportState::Processing, progress, None, s.poll_interval).await;
+        }
+        Ok(PollStatus::Failed { retryable, error }) => {
+            PollFinished {
+                import_id: imp.id,
+                result: PollResult::Failed,
+                progress: None,
+                error: Some(&error.message),
+                poll_errors: imp.poll_errors,
+            }
+            .emit(&dest.events);
+            let now = Timestamp::now();
+            let transitions = infos
+                .iter()
+                .map(|j| JobTransition {
+                    job_id: j.job_id,
+                    to: if retryable {
+                        retry::after_failure(s, j, error.clone(), now, None, fastrand::f64())
+                    } else {
+                        Transition::Aborted { error: error.clone() }
+                    },
+                })
+                .collect();
+            finish(dest, shared, &imp, &infos, ImportState::Failed, Some(error), transitions).await;
+        }
+        Ok(PollStatus::Complete { has_failures }) => {
+            let stats = if has_failures {
+                match tokio::time::timeout(s.upload_timeout, dest.manager.get_upload_stats(&handle)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(DestinationError::retryable("fetching upload stats timed out")),
+                }
+            } else {
+                Ok(UploadStats::default())
+            };
+            match stats {
+                Err(e) => poll_error(dest, shared, &imp, &e, "stats").await,
+                Ok(stats) => {
+                    PollFinished {
+                        import_id: imp.id,
+                        result: PollResult::Complete,
+                        progress: Some(100),
+                        error: None,
+                        poll_errors: imp.poll_errors,
+                    }
+                    .emit(&dest.events);
+                    apply_stats(dest, shared, &imp, &infos, stats).await;
+                }
+            }
+        }
+    }
+}
+
+async fn poll_error(dest: &Destination, shared: &Shared, imp: &ImportRecord, e: &DestinationError, what: &str) {
+    let error = JobError::new(e.code(), format!("{what} failed: {}", e.message()));
+    PollFinished {
+        import_id: imp.id,
+        result: PollResult::Error,
+        progress: None,
+        error: Some(&error.message),
+        poll_errors: imp.poll_errors + 1,
+    }
+    .emit(&dest.events);
+    let wait = e
+        .retry_after()
+        .unwrap_or(dest.settings.poll_interval)
+        .max(dest.settings.poll_interval);
+    reschedule(dest, shared, imp, imp.state, None, Some(error), wait).await;
+}
+
+async fn reschedule(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    state: ImportState,
+    progress: Option<u8>,
+    poll_error: Option<JobError>,
+    wait: Duration,
+) {
+    let now = Timestamp::now();
+    let update = PollUpdate {
+        import_id: imp.id,
+        owner: shared.owner.clone(),
+        state,
+        progress,
+        poll_error,
+        next_poll_at: now + wait,
+        lease_until: now + dest.settings.lease_timeout,
+        now,
+    };
+    match shared.store.record_poll(update).await {
+        Ok(true) => {}
+        Ok(false) => FencedWritesRejected {
+            stage: "poll",
+            count: 1,
+        }
+        .emit(&dest.events),
+        Err(e) => tracing::warn!(destination_id = %dest.id, import_id = imp.id, error = %e, "Could not record poll result."),
+    }
+}
+
+async fn apply_stats(dest: &Destination, shared: &Shared, imp: &ImportRecord, infos: &[AttemptInfo], stats: UploadStats) {
+    let s = &dest.settings;
+    let now = Timestamp::now();
+    let by_id: HashMap<JobId, &AttemptInfo> = infos.iter().map(|j| (j.job_id, j)).collect();
+    let mut decided: HashMap<JobId, Outcome> = HashMap::with_capacity(stats.outcomes.len());
+    let mut unknown = 0u64;
+    for (id, outcome) in stats.outcomes {
+        if by_id.contains_key(&id) {
+            decided.insert(id, outcome);
+        } else {
+            unknown += 1;
+        }
+    }
+    if unknown > 0 {
+        tracing::warn!(
+            destination_id = %dest.id, import_id = imp.id, count = unknown,
+            "Upload stats named jobs that are not in this import; ignored."
+        );
+    }
+    if stats.unmatched > 0 || unknown > 0 {
+        dest.events
+            .metrics()
+            .unmatched_results
+            .with_label_values(&[&*dest.kind, &*dest.id])
+            .inc_by(stats.unmatched + unknown);
+        if stats.unmatched > 0 {
+            tracing::warn!(
+                destination_id = %dest.id, import_id = imp.id, count = stats.unmatched,
+                "Destination returned per-record results that matched no job."
+            );
+        }
+    }
+    let mut ok = 0usize;
+    let transitions: Vec<JobTransition> = infos
+        .iter()
+        .map(|j| {
+            let to = match decided.remove(&j.job_id) {
+                None => Transition::Succeeded {
+                    note: None,
+                    external_id: None,
+                },
+                Some(Outcome::Succeeded { note, external_id }) => Transition::Succeeded { note, external_id },
+                Some(Outcome::Aborted(error)) => Transition::Aborted { error },
+                Some(Outcome::Failed(error)) | Some(Outcome::Throttled(error)) => {
+                    retry::after_failure(s, j, error, now, None, fastrand::f64())
+                }
+            };
+            if matches!(to, Transition::Succeeded { .. }) {
+                ok += 1;
+            }
+            JobTransition { job_id: j.job_id, to }
+        })
+        .collect();
+    let state = if ok == infos.len() {
+        ImportState::Completed
+    } else if ok == 0 {
+        ImportState::Failed
+    } else {
+        ImportState::Partial
+    };
+    finish(dest, shared, imp, infos, state, None, transitions).await;
+}
+
+async fn finish(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    infos: &[AttemptInfo],
+    state: ImportState,
+    error: Option<JobError>,
+    transitions: Vec<JobTransition>,
+) {
+    let now = Timestamp::now();
+    let f = ImportFinish {
+        import_id: imp.id,
+        owner: shared.owner.clone(),
+        state,
+        error,
+        transitions: transitions.clone(),
+        now,
+    };
+    match shared.store.finish_import(f).await {
+        Ok(report) => {
+            if report.applied == 0 && !transitions.is_empty() {
+                FencedWritesRejected {
+                    stage: "import",
+                    count: transitions.len(),
+                }
+                .emit(&dest.events);
+                return;
+            }
+            FencedWritesRejected {
+                stage: "import",
+                count: report.rejected.len(),
+            }
+            .emit(&dest.events);
+            let created: BTreeMap<JobId, Timestamp> = infos.iter().map(|j| (j.job_id, j.created_at)).collect();
+            let applied: Vec<JobTransition> = transitions
+                .into_iter()
+                .filter(|t| !report.rejected.contains(&t.job_id))
+                .collect();
+            StateChanges {
+                stage: "import",
+                transitions: &applied,
+                created_at: &created,
+                importing: 0,
+                now,
+            }
+            .emit(&dest.events);
+            dest.wake_worker.notify_one();
+        }
+        Err(e) => tracing::warn!(
+            destination_id = %dest.id, import_id = imp.id, error = %e,
+            "Could not record an import's outcome; it will be polled again."
+        ),
+    }
+}

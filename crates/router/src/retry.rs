@@ -1,0 +1,133 @@
+//! Retry decisions: exponential backoff with jitter, bounded by the attempt
+//! budget and the retry window. Pure functions, so they are tested exactly.
+
+use std::time::Duration;
+
+use batchrouter_core::store::{AttemptInfo, Transition};
+use batchrouter_core::{ErrorCode, JobError, Timestamp};
+
+use crate::settings::RouterSettings;
+
+/// The backoff before attempt `attempt + 1`: `min * 2^(attempt-1)` capped at
+/// `max`, then "equal jitter" (half fixed, half random) so retries of a
+/// batch spread out without ever retrying immediately.
+pub fn backoff(settings: &RouterSettings, attempt: u32, rand01: f64) -> Duration {
+    let exp = attempt.saturating_sub(1).min(30);
+    let base = settings
+        .min_retry_backoff
+        .saturating_mul(1u32 << exp)
+        .min(settings.max_retry_backoff);
+    let half = base / 2;
+    half + half.mul_f64(rand01.clamp(0.0, 1.0))
+}
+
+/// Where a job goes after a retryable failure: back to `failed` with a due
+/// time, or `aborted` with `retries_exhausted` when the budget or the
+/// window is spent. `attempts` already counts the upload that just failed.
+pub fn after_failure(
+    settings: &RouterSettings,
+    job: &AttemptInfo,
+    error: JobError,
+    now: Timestamp,
+    not_before: Option<Timestamp>,
+    rand01: f64,
+) -> Transition {
+    let used = job.attempts.saturating_sub(job.retry_base);
+    let window_start = job.first_attempt_at.unwrap_or(job.created_at);
+    let budget_spent = used > settings.max_retries;
+    let window_spent = now.since(window_start) >= settings.retry_time_window;
+    if budget_spent || window_spent {
+        let why = if budget_spent {
+            format!("gave up after {used} upload attempt(s)")
+        } else {
+            format!(
+                "gave up after the {} retry window",
+                crate::settings::fmt_duration(settings.retry_time_window)
+            )
+        };
+        return Transition::Aborted {
+            error: JobError::new(
+                ErrorCode::RetriesExhausted,
+                format!("{why}; last error ({}): {}", error.code, error.message),
+            ),
+        };
+    }
+    let mut next = now + backoff(settings, used.max(1), rand01);
+    if let Some(nb) = not_before {
+        next = next.max(nb);
+    }
+    Transition::Failed {
+        error,
+        next_attempt_at: next,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RouterSettings {
+        RouterSettings {
+            min_retry_backoff: Duration::from_secs(10),
+            max_retry_backoff: Duration::from_secs(300),
+            max_retries: 3,
+            retry_time_window: Duration::from_secs(3600),
+            ..RouterSettings::default()
+        }
+    }
+
+    fn info(attempts: u32, retry_base: u32, first: i64) -> AttemptInfo {
+        AttemptInfo {
+            job_id: 1,
+            attempts,
+            retry_base,
+            first_attempt_at: Some(Timestamp(first)),
+            created_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_equal_jitter_and_caps() {
+        let s = settings();
+        assert_eq!(backoff(&s, 1, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(&s, 1, 1.0), Duration::from_secs(10));
+        assert_eq!(backoff(&s, 2, 1.0), Duration::from_secs(20));
+        assert_eq!(backoff(&s, 3, 0.5), Duration::from_secs(30));
+        assert_eq!(backoff(&s, 6, 1.0), Duration::from_secs(300));
+        assert_eq!(backoff(&s, 60, 1.0), Duration::from_secs(300));
+        assert_eq!(backoff(&s, 60, 0.0), Duration::from_secs(150));
+    }
+
+    #[test]
+    fn budget_allows_one_plus_max_retries_uploads() {
+        let s = settings();
+        let err = JobError::new(ErrorCode::DestinationUnavailable, "HTTP 503");
+        let now = Timestamp(1000);
+        for attempts in 1..=3 {
+            assert!(matches!(after_failure(&s, &info(attempts, 0, 0), err.clone(), now, None, 0.5), Transition::Failed { .. }));
+        }
+        match after_failure(&s, &info(4, 0, 0), err.clone(), now, None, 0.5) {
+            Transition::Aborted { error } => {
+                assert_eq!(error.code, ErrorCode::RetriesExhausted);
+                assert!(error.message.contains("4 upload attempt(s)"), "{}", error.message);
+                assert!(error.message.contains("HTTP 503"), "last reason kept: {}", error.message);
+            }
+            other => panic!("expected abort, got {other:?}"),
+        }
+        // A re-drive gives a fresh budget while attempts keep the history.
+        assert!(matches!(after_failure(&s, &info(5, 4, 0), err, now, None, 0.5), Transition::Failed { .. }));
+    }
+
+    #[test]
+    fn window_exhaustion_aborts_and_retry_after_is_honoured() {
+        let s = settings();
+        let err = JobError::new(ErrorCode::Throttled, "429");
+        let late = Timestamp(3_600_000);
+        assert!(matches!(after_failure(&s, &info(1, 0, 0), err.clone(), late, None, 0.0), Transition::Aborted { .. }));
+        let now = Timestamp(10_000);
+        match after_failure(&s, &info(1, 0, 0), err, now, Some(Timestamp(100_000)), 0.0) {
+            Transition::Failed { next_attempt_at, .. } => assert_eq!(next_attempt_at, Timestamp(100_000)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
