@@ -7,7 +7,7 @@
 
 mod schema;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ pub struct SqliteOptions {
     pub synchronous_full: bool,
     /// Read-only connections for API queries.
     pub readers: usize,
+    /// Page cache of the writer connection in KiB (bounds memory).
+    pub writer_cache_kib: u32,
 }
 
 impl Default for SqliteOptions {
@@ -44,6 +46,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(10),
             synchronous_full: false,
             readers: 2,
+            writer_cache_kib: 32 * 1024,
         }
     }
 }
@@ -127,7 +130,9 @@ fn configure(conn: &Connection, opts: &SqliteOptions) -> Result<(), StoreError> 
     }
     let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
     conn.execute_batch(&format!(
-        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;"
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; \
+         PRAGMA cache_size=-{}; PRAGMA wal_autocheckpoint=4000;",
+        opts.writer_cache_kib
     ))
     .map_err(backend)?;
     conn.set_prepared_statement_cache_capacity(64);
@@ -193,6 +198,7 @@ impl SqliteStore {
             )
             .map_err(backend)?;
             r.busy_timeout(opts.busy_timeout).map_err(backend)?;
+            r.execute_batch("PRAGMA cache_size=-8192;").map_err(backend)?;
             readers.push(Mutex::new(r));
         }
         Ok(SqliteStore {
@@ -261,16 +267,21 @@ impl Fence<'_> {
     }
 }
 
+/// Writes transitions; jobs in `attempted` also count an upload attempt in
+/// the same row write (one write per job, not two).
 fn apply_transitions(
     tx: &Transaction<'_>,
     fence: &Fence<'_>,
     transitions: &[JobTransition],
+    attempted: &HashSet<JobId>,
     now: i64,
     report: &mut CommitReport,
 ) -> Result<(), StoreError> {
     let sql = format!(
         "UPDATE jobs SET state = ?2, error_code = ?3, error_message = ?4, note = ?5, external_id = ?6, \
          next_attempt_at = COALESCE(?7, next_attempt_at), completed_at = ?8, updated_at = ?10, \
+         attempts = attempts + ?11, \
+         first_attempt_at = CASE WHEN ?11 = 1 THEN COALESCE(first_attempt_at, ?10) ELSE first_attempt_at END, \
          lease_owner = NULL, lease_expires_at = NULL \
          WHERE id = ?1 AND {}",
         fence.clause()
@@ -315,6 +326,7 @@ fn apply_transitions(
                 completed,
                 owner_param,
                 now,
+                i64::from(attempted.contains(&t.job_id)),
             ])
             .map_err(backend)?;
         if changed == 1 {
@@ -558,7 +570,14 @@ impl JobStore for SqliteStore {
         self.write(move |conn| {
             let tx = immediate(conn)?;
             let mut report = CommitReport::default();
-            apply_transitions(&tx, &Fence::Executing { owner: &owner }, &transitions, now.0, &mut report)?;
+            apply_transitions(
+                &tx,
+                &Fence::Executing { owner: &owner },
+                &transitions,
+                &HashSet::new(),
+                now.0,
+                &mut report,
+            )?;
             tx.commit().map_err(backend)?;
             Ok(report)
         })
@@ -623,15 +642,23 @@ impl JobStore for SqliteStore {
             let tx = immediate(conn)?;
             let now = commit.now.0;
             let mut report = CommitReport::default();
+            let attempted: HashSet<JobId> = commit.attempted.iter().copied().collect();
             {
-                let mut attempted = tx
+                // Attempted jobs that neither transition nor import still count.
+                let covered: HashSet<JobId> = commit
+                    .transitions
+                    .iter()
+                    .map(|t| t.job_id)
+                    .chain(commit.imports.iter().flat_map(|i| i.job_ids.iter().copied()))
+                    .collect();
+                let mut count_only = tx
                     .prepare_cached(
                         "UPDATE jobs SET attempts = attempts + 1, first_attempt_at = COALESCE(first_attempt_at, ?3) \
                          WHERE id = ?1 AND state = 'executing' AND lease_owner = ?2",
                     )
                     .map_err(backend)?;
-                for id in &commit.attempted {
-                    attempted
+                for id in attempted.iter().filter(|id| !covered.contains(id)) {
+                    count_only
                         .execute(params![id, commit.owner, now])
                         .map_err(backend)?;
                 }
@@ -645,6 +672,8 @@ impl JobStore for SqliteStore {
                 let mut importing = tx
                     .prepare_cached(
                         "UPDATE jobs SET state = 'importing', import_id = ?3, error_code = NULL, error_message = NULL, \
+                         attempts = attempts + ?5, \
+                         first_attempt_at = CASE WHEN ?5 = 1 THEN COALESCE(first_attempt_at, ?4) ELSE first_attempt_at END, \
                          lease_owner = NULL, lease_expires_at = NULL, updated_at = ?4 \
                          WHERE id = ?1 AND state = 'executing' AND lease_owner = ?2",
                     )
@@ -672,7 +701,7 @@ impl JobStore for SqliteStore {
                     let mut moved = 0i64;
                     for id in &imp.job_ids {
                         let n = importing
-                            .execute(params![id, commit.owner, import_id, now])
+                            .execute(params![id, commit.owner, import_id, now, i64::from(attempted.contains(id))])
                             .map_err(backend)?;
                         if n == 1 {
                             report.applied += 1;
@@ -694,6 +723,7 @@ impl JobStore for SqliteStore {
                 &tx,
                 &Fence::Executing { owner: &commit.owner },
                 &commit.transitions,
+                &attempted,
                 now,
                 &mut report,
             )?;
@@ -831,6 +861,7 @@ impl JobStore for SqliteStore {
                     import_id: f.import_id,
                 },
                 &f.transitions,
+                &HashSet::new(),
                 f.now.0,
                 &mut report,
             )?;

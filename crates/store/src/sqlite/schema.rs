@@ -32,9 +32,8 @@ CREATE TABLE jobs (
 );
 CREATE UNIQUE INDEX jobs_message_id ON jobs (destination_id, message_id) WHERE message_id IS NOT NULL;
 CREATE INDEX jobs_due ON jobs (destination_id, id) WHERE state IN ('waiting', 'failed');
-CREATE INDEX jobs_destination_state ON jobs (destination_id, state);
+CREATE INDEX jobs_state ON jobs (state, destination_id);
 CREATE INDEX jobs_importing ON jobs (import_id) WHERE state = 'importing';
-CREATE INDEX jobs_executing ON jobs (lease_expires_at) WHERE state = 'executing';
 CREATE INDEX jobs_completed ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 
 CREATE TABLE imports (
