@@ -1,1 +1,118 @@
-//! Placeholder until the destination lands; see its issue.
+//! `MARKETO_BULK_UPLOAD`: Marketo bulk lead import.
+//!
+//! Jobs are flat JSON objects of lead fields. `transform` maps them to
+//! Marketo field names and renders values canonically; `upload` lays a staged
+//! batch out as CSV files under Marketo's 10 MB limit (a lookup value at most
+//! once per file) and creates one import per file; `poll` follows each import
+//! by its batch id; `get_upload_stats` reads failures.json / warnings.json and
+//! matches rows to jobs by the normalised lookup value through the key map
+//! stored in the import context. The manager keeps no per-import state in
+//! memory, so another process can finish what this one started.
+//!
+//! The behaviour, config keys and error classes are documented in
+//! `docs/destinations/MARKETO_BULK_UPLOAD.md`.
+
+pub mod auth;
+pub mod classify;
+pub mod client;
+pub mod config;
+pub mod context;
+pub mod poll;
+pub mod stats;
+pub mod transform;
+pub mod upload;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use batchrouter_core::{
+    AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError,
+    DestinationTelemetry, ImportHandle, Job, ManagerLimits, PollStatus, StagedBatch,
+    TransformError, UploadOutput, UploadStats,
+};
+
+pub use config::{Settings, CONFIG_KEYS};
+pub use context::ImportContext;
+
+/// The type name the router's factory registers this destination under.
+pub const DESTINATION_TYPE: &str = "MARKETO_BULK_UPLOAD";
+
+/// Validates the config (every problem at once) and builds the manager.
+/// No network I/O: the token is fetched on the first call.
+pub fn build(
+    ctx: &DestinationContext,
+    config: &serde_json::Value,
+) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
+    let settings = Settings::from_config(config)?;
+    Ok(Arc::new(MarketoManager::new(ctx, settings)?))
+}
+
+/// The Marketo destination manager; cheap to share, safe to call concurrently.
+pub struct MarketoManager {
+    destination_id: String,
+    settings: Arc<Settings>,
+    transformer: transform::Transformer,
+    client: client::Client,
+    telemetry: Arc<dyn DestinationTelemetry>,
+}
+
+impl MarketoManager {
+    /// Builds a manager from validated settings (no network I/O).
+    pub fn new(
+        ctx: &DestinationContext,
+        settings: Settings,
+    ) -> Result<MarketoManager, ConfigProblems> {
+        let settings = Arc::new(settings);
+        let client = client::Client::new(settings.clone(), ctx.telemetry.clone())
+            .map_err(ConfigProblems::one)?;
+        Ok(MarketoManager {
+            destination_id: ctx.id.clone(),
+            transformer: transform::Transformer::new(&settings),
+            settings,
+            client,
+            telemetry: ctx.telemetry.clone(),
+        })
+    }
+
+    /// The validated settings, for diagnostics and tests.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+#[async_trait]
+impl AsyncDestinationManager for MarketoManager {
+    fn transform(&self, job: &Job) -> Result<String, TransformError> {
+        let line = self.transformer.transform(&job.payload);
+        if let Err(e) = &line {
+            tracing::debug!(destination = %self.destination_id, job = job.id, reason = %e, "lead cannot be sent to Marketo");
+        }
+        line
+    }
+
+    async fn upload(&self, batch: &StagedBatch) -> UploadOutput {
+        upload::upload_batch(&self.client, &self.settings, batch).await
+    }
+
+    async fn poll(&self, import: &ImportHandle) -> Result<PollStatus, DestinationError> {
+        poll::poll_import(&self.client, import).await
+    }
+
+    async fn get_upload_stats(
+        &self,
+        import: &ImportHandle,
+    ) -> Result<UploadStats, DestinationError> {
+        stats::upload_stats(&self.client, self.telemetry.as_ref(), import).await
+    }
+
+    fn limits(&self) -> ManagerLimits {
+        // Staged JSON lines are larger than their CSV rows, so a batch under
+        // this size never needs more files than Marketo queues imports.
+        ManagerLimits {
+            max_upload_bytes: Some(
+                self.settings.max_file_bytes * upload::MAX_FILES_PER_UPLOAD as u64,
+            ),
+            max_events: None,
+        }
+    }
+}

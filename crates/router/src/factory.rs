@@ -14,11 +14,23 @@ struct Entry {
     build: Constructor,
 }
 
-const TYPES: &[Entry] = &[Entry {
-    name: batchrouter_dest_http::DESTINATION_TYPE,
-    keys: batchrouter_dest_http::CONFIG_KEYS,
-    build: batchrouter_dest_http::build,
-}];
+const TYPES: &[Entry] = &[
+    Entry {
+        name: batchrouter_dest_http::DESTINATION_TYPE,
+        keys: batchrouter_dest_http::CONFIG_KEYS,
+        build: batchrouter_dest_http::build,
+    },
+    Entry {
+        name: batchrouter_dest_marketo::DESTINATION_TYPE,
+        keys: batchrouter_dest_marketo::CONFIG_KEYS,
+        build: batchrouter_dest_marketo::build,
+    },
+    Entry {
+        name: batchrouter_dest_klaviyo::DESTINATION_TYPE,
+        keys: batchrouter_dest_klaviyo::CONFIG_KEYS,
+        build: batchrouter_dest_klaviyo::build,
+    },
+];
 
 /// Why a destination could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

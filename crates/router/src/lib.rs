@@ -211,6 +211,29 @@ pub struct Router {
     maintenance: JoinHandle<()>,
 }
 
+/// A cheap, cloneable view of a running router for the API: wake workers
+/// and report health without owning the router.
+#[derive(Clone)]
+pub struct RouterHandle {
+    shared: Arc<Shared>,
+    dests: BTreeMap<String, Arc<Destination>>,
+    tasks: Arc<Vec<tokio::task::AbortHandle>>,
+}
+
+impl RouterHandle {
+    /// Wakes a destination's worker (new or re-driven jobs).
+    pub fn wake(&self, destination_id: &str) {
+        if let Some(d) = self.dests.get(destination_id) {
+            d.wake_worker.notify_one();
+        }
+    }
+
+    /// Whether every worker and poll loop is still running.
+    pub fn healthy(&self) -> bool {
+        !self.shared.shutdown.is_cancelled() && self.tasks.iter().all(|t| !t.is_finished())
+    }
+}
+
 /// What a graceful shutdown achieved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -234,6 +257,15 @@ impl Router {
     /// Whether every worker and poll loop is still running.
     pub fn healthy(&self) -> bool {
         !self.shared.shutdown.is_cancelled() && self.tasks.iter().all(|t| !t.is_finished())
+    }
+
+    /// A cloneable handle for wake-ups and health checks.
+    pub fn handle(&self) -> RouterHandle {
+        RouterHandle {
+            shared: self.shared.clone(),
+            dests: self.dests.clone(),
+            tasks: Arc::new(self.tasks.iter().map(|t| t.abort_handle()).collect()),
+        }
     }
 
     /// The lease owner name of this router.

@@ -84,7 +84,7 @@ impl StagingFile {
     /// Whether another line of `len` bytes still fits.
     pub fn fits(&self, len: usize, limits: CutLimits) -> bool {
         self.jobs.is_empty()
-            || (self.jobs.len() < limits.max_events && self.bytes + len as u64 + 1 <= limits.max_bytes)
+            || (self.jobs.len() < limits.max_events && self.bytes + (len as u64) < limits.max_bytes)
     }
 
     fn write_line(&mut self, info: AttemptInfo, line: &str, now: Timestamp) -> std::io::Result<()> {

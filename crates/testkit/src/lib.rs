@@ -7,7 +7,10 @@
 
 pub mod http;
 pub mod jobs;
+pub mod klaviyo;
+pub mod marketo;
 pub mod measure;
+pub mod sshd;
 
 /// Environment variable that turns a missing real server (sshd, PostgreSQL,
 /// promtool) from a loud skip into a test failure; CI sets it.

@@ -267,6 +267,53 @@ impl Fence<'_> {
     }
 }
 
+/// The column values one transition writes.
+struct TransitionRow<'a> {
+    state: &'static str,
+    error: Option<&'a JobError>,
+    note: Option<&'a str>,
+    external_id: Option<&'a str>,
+    next_attempt_at: Option<i64>,
+    completed_at: Option<i64>,
+}
+
+impl<'a> TransitionRow<'a> {
+    fn of(t: &'a Transition, now: i64) -> Self {
+        let base = TransitionRow {
+            state: "",
+            error: None,
+            note: None,
+            external_id: None,
+            next_attempt_at: None,
+            completed_at: None,
+        };
+        match t {
+            Transition::Succeeded { note, external_id } => TransitionRow {
+                state: "succeeded",
+                note: note.as_deref(),
+                external_id: external_id.as_deref(),
+                completed_at: Some(now),
+                ..base
+            },
+            Transition::Failed {
+                error,
+                next_attempt_at,
+            } => TransitionRow {
+                state: "failed",
+                error: Some(error),
+                next_attempt_at: Some(next_attempt_at.0),
+                ..base
+            },
+            Transition::Aborted { error } => TransitionRow {
+                state: "aborted",
+                error: Some(error),
+                completed_at: Some(now),
+                ..base
+            },
+        }
+    }
+}
+
 /// Writes transitions; jobs in `attempted` also count an upload attempt in
 /// the same row write (one write per job, not two).
 fn apply_transitions(
@@ -292,38 +339,17 @@ fn apply_transitions(
         Fence::Importing { import_id } => Box::new(*import_id),
     };
     for t in transitions {
-        let (state, err, note, ext, next, completed): (
-            &str,
-            Option<&JobError>,
-            Option<&str>,
-            Option<&str>,
-            Option<i64>,
-            Option<i64>,
-        ) = match &t.to {
-            Transition::Succeeded { note, external_id } => (
-                "succeeded",
-                None,
-                note.as_deref(),
-                external_id.as_deref(),
-                None,
-                Some(now),
-            ),
-            Transition::Failed {
-                error,
-                next_attempt_at,
-            } => ("failed", Some(error), None, None, Some(next_attempt_at.0), None),
-            Transition::Aborted { error } => ("aborted", Some(error), None, None, None, Some(now)),
-        };
+        let w = TransitionRow::of(&t.to, now);
         let changed = stmt
             .execute(params![
                 t.job_id,
-                state,
-                err.map(|e| e.code.as_str()),
-                err.map(|e| e.message.as_str()),
-                note,
-                ext,
-                next,
-                completed,
+                w.state,
+                w.error.map(|e| e.code.as_str()),
+                w.error.map(|e| e.message.as_str()),
+                w.note,
+                w.external_id,
+                w.next_attempt_at,
+                w.completed_at,
                 owner_param,
                 now,
                 i64::from(attempted.contains(&t.job_id)),

@@ -1,0 +1,501 @@
+//! The HTTP API: job intake, job and import status, per-destination counts,
+//! the dead-letter pair (retry, redrive), metrics and health.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use batchrouter_core::store::{ImportRecord, JobRecord, RetryResult};
+use batchrouter_core::{JobError, JobState, JobStore, NewJob, Secret, Timestamp};
+use batchrouter_router::{Metrics, RouterHandle};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+/// Longest accepted `messageId`.
+const MAX_MESSAGE_ID: usize = 256;
+
+/// A configured destination as the API knows it.
+#[derive(Clone, Debug)]
+pub struct DestinationInfo {
+    /// Type name.
+    pub kind: String,
+    /// Whether its worker runs.
+    pub enabled: bool,
+}
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The job store (timed).
+    pub store: Arc<dyn JobStore>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// The running router, for wake-ups and readiness.
+    pub router: RouterHandle,
+    /// Configured destinations by id.
+    pub destinations: Arc<BTreeMap<String, DestinationInfo>>,
+    /// Bearer token for `/v1/*`, when set.
+    pub auth_token: Option<Secret>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+/// An API error: status plus the `{"error":{"code","message"}}` body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn malformed(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "API request failed on the store.");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the job store failed: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// The router: `/v1/*` behind the token, the rest open.
+pub fn routes(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/jobs", post(submit_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/retry", post(retry_job))
+        .route("/v1/imports/{id}", get(get_import))
+        .route("/v1/destinations", get(list_destinations))
+        .route("/v1/destinations/{id}/redrive", post(redrive))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(v1)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(state)
+}
+
+/// Compares in time independent of where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= usize::from(x ^ y);
+    }
+    diff == 0
+}
+
+async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.auth_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if given.is_empty() {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token").into_response();
+        }
+        if !constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid bearer token").into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn rfc3339(t: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_millis(t.as_millis())
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JobIn {
+    destination_id: String,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    message_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    jobs: Vec<JobIn>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Accepted {
+    job_id: i64,
+    status_url: String,
+    duplicate: bool,
+}
+
+async fn read_body(st: &ApiState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than {} bytes", st.max_body_bytes),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    to_bytes(body, st.max_body_bytes).await.map_err(|_| too_large())
+}
+
+fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::malformed("request body is not UTF-8"))?;
+    let jobs = if ct == "application/x-ndjson" || ct == "application/jsonl" {
+        let mut jobs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let job: JobIn = serde_json::from_str(line)
+                .map_err(|e| ApiError::malformed(format!("line {}: {e}", i + 1)))?;
+            jobs.push(job);
+        }
+        jobs
+    } else {
+        serde_json::from_str::<Envelope>(text)
+            .map_err(|e| ApiError::malformed(format!("body is not a {{\"jobs\": [...]}} envelope: {e}")))?
+            .jobs
+    };
+    if jobs.is_empty() {
+        return Err(ApiError::malformed("no jobs in the request"));
+    }
+    Ok(jobs)
+}
+
+async fn submit_jobs(State(st): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(&st, &headers, body).await?;
+    let jobs = parse_jobs(&headers, &bytes)?;
+    let mut new_jobs = Vec::with_capacity(jobs.len());
+    for (i, j) in jobs.into_iter().enumerate() {
+        if !st.destinations.contains_key(&j.destination_id) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_destination",
+                format!("job {}: destination `{}` is not configured", i + 1, j.destination_id),
+            ));
+        }
+        if !j.payload.get().trim_start().starts_with('{') {
+            return Err(ApiError::malformed(format!("job {}: payload must be a JSON object", i + 1)));
+        }
+        if let Some(m) = &j.message_id {
+            if m.is_empty() || m.len() > MAX_MESSAGE_ID {
+                return Err(ApiError::malformed(format!(
+                    "job {}: messageId must be 1 to {MAX_MESSAGE_ID} characters",
+                    i + 1
+                )));
+            }
+        }
+        new_jobs.push(NewJob {
+            destination_id: j.destination_id,
+            payload: j.payload.get().to_string(),
+            message_id: j.message_id,
+        });
+    }
+    let dests: Vec<String> = new_jobs.iter().map(|j| j.destination_id.clone()).collect();
+    let inserted = st
+        .store
+        .insert_jobs(new_jobs, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?;
+    let mut fresh: BTreeMap<&str, u64> = BTreeMap::new();
+    for (d, ins) in dests.iter().zip(&inserted) {
+        if !ins.duplicate {
+            *fresh.entry(d.as_str()).or_default() += 1;
+        }
+    }
+    for (d, n) in &fresh {
+        let kind = st.destinations.get(*d).map(|i| i.kind.as_str()).unwrap_or("");
+        st.metrics.jobs_received.with_label_values(&[kind, d]).inc_by(*n);
+        st.router.wake(d);
+    }
+    tracing::debug!(jobs = inserted.len(), new = fresh.values().sum::<u64>(), "Jobs accepted.");
+    let body = json!({
+        "status": "accepted",
+        "jobs": inserted.iter().map(|i| Accepted {
+            job_id: i.job_id,
+            status_url: format!("/v1/jobs/{}", i.job_id),
+            duplicate: i.duplicate,
+        }).collect::<Vec<_>>(),
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn error_json(e: &JobError) -> Value {
+    json!({"code": e.code.as_str(), "message": e.message})
+}
+
+fn job_json(j: &JobRecord) -> Value {
+    let mut v = json!({
+        "jobId": j.id,
+        "destinationId": j.destination_id,
+        "state": j.state.as_str(),
+        "attempts": j.attempts,
+        "createdAt": rfc3339(j.created_at),
+        "updatedAt": rfc3339(j.updated_at),
+    });
+    let m = v.as_object_mut().expect("object");
+    if let Some(mid) = &j.message_id {
+        m.insert("messageId".into(), json!(mid));
+    }
+    if let Some(t) = j.next_attempt_at {
+        m.insert("nextAttemptAt".into(), json!(rfc3339(t)));
+    }
+    if let Some(e) = &j.error {
+        m.insert("error".into(), error_json(e));
+    }
+    if let Some(n) = &j.note {
+        m.insert("note".into(), json!(n));
+    }
+    if let Some(x) = &j.external_id {
+        m.insert("externalId".into(), json!(x));
+    }
+    if let Some(i) = j.import_id {
+        m.insert("importId".into(), json!(i));
+    }
+    if let Some(t) = j.completed_at {
+        m.insert("completedAt".into(), json!(rfc3339(t)));
+    }
+    v
+}
+
+fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} `{raw}`")))
+}
+
+async fn get_job(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "job")?;
+    match st.store.get_job(id).await.map_err(ApiError::internal)? {
+        Some(j) => Ok(Json(job_json(&j))),
+        None => Err(ApiError::not_found(format!("no job {id}"))),
+    }
+}
+
+fn import_json(i: &ImportRecord) -> Value {
+    let mut v = json!({
+        "importId": i.id,
+        "destinationId": i.destination_id,
+        "batchId": i.batch_id,
+        "status": i.state.as_str(),
+        "progress": i.progress,
+        "counts": {
+            "total": i.job_count,
+            "succeeded": i.succeeded,
+            "failed": i.failed,
+            "aborted": i.aborted,
+        },
+        "pollErrors": i.poll_errors,
+        "startedAt": rfc3339(i.started_at),
+        "deadlineAt": rfc3339(i.deadline_at),
+    });
+    let m = v.as_object_mut().expect("object");
+    if let Some(t) = i.completed_at {
+        m.insert("completedAt".into(), json!(rfc3339(t)));
+    } else {
+        m.insert("nextPollAt".into(), json!(rfc3339(i.next_poll_at)));
+    }
+    if let Some(e) = &i.error {
+        let key = if i.state.in_flight() { "lastPollError" } else { "error" };
+        m.insert(key.into(), error_json(e));
+    }
+    v
+}
+
+async fn get_import(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "import")?;
+    match st.store.get_import(id).await.map_err(ApiError::internal)? {
+        Some(i) => Ok(Json(import_json(&i))),
+        None => Err(ApiError::not_found(format!("no import {id}"))),
+    }
+}
+
+async fn list_destinations(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let counts = st.store.destination_counts().await.map_err(ApiError::internal)?;
+    let list: Vec<Value> = st
+        .destinations
+        .iter()
+        .map(|(id, info)| {
+            let c = counts.get(id);
+            let by_state: serde_json::Map<String, Value> = JobState::ALL
+                .iter()
+                .map(|s| {
+                    let n = c.and_then(|c| c.by_state.get(s)).copied().unwrap_or(0);
+                    (s.as_str().to_string(), json!(n))
+                })
+                .collect();
+            json!({
+                "id": id,
+                "type": info.kind,
+                "enabled": info.enabled,
+                "counts": by_state,
+                "importsInFlight": c.map_or(0, |c| c.imports_in_flight),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "destinations": list })))
+}
+
+async fn retry_job(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id, "job")?;
+    match st.store.retry_job(id, Timestamp::now()).await.map_err(ApiError::internal)? {
+        RetryResult::Retried => {
+            if let Ok(Some(j)) = st.store.get_job(id).await {
+                st.router.wake(&j.destination_id);
+            }
+            tracing::info!(job_id = id, "Job re-driven through the API.");
+            Ok((StatusCode::ACCEPTED, Json(json!({"count": 1}))).into_response())
+        }
+        RetryResult::NotFound => Err(ApiError::not_found(format!("no job {id}"))),
+        RetryResult::Conflict(state) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("job {id} is {state}; only aborted or failed jobs can be retried"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct RedriveQuery {
+    state: Option<String>,
+}
+
+async fn redrive(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<RedriveQuery>,
+) -> Result<Response, ApiError> {
+    if !st.destinations.contains_key(&id) {
+        return Err(ApiError::not_found(format!("destination `{id}` is not configured")));
+    }
+    let mut states = BTreeSet::new();
+    for s in q.state.as_deref().unwrap_or("aborted").split(',').map(str::trim) {
+        match s {
+            "aborted" => states.insert(JobState::Aborted),
+            "failed" => states.insert(JobState::Failed),
+            other => {
+                return Err(ApiError::malformed(format!(
+                    "state `{other}` cannot be re-driven (use aborted, failed or aborted,failed)"
+                )))
+            }
+        };
+    }
+    let states: Vec<JobState> = states.into_iter().collect();
+    let n = st
+        .store
+        .redrive(&id, &states, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?;
+    st.router.wake(&id);
+    tracing::info!(destination_id = %id, count = n, "Jobs re-driven through the API.");
+    Ok((StatusCode::ACCEPTED, Json(json!({"count": n}))).into_response())
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<ApiState>) -> Response {
+    if let Err(e) = st.store.ping().await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": format!("store unreachable: {e}")})),
+        )
+            .into_response();
+    }
+    if !st.router.healthy() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": "a destination worker stopped"})),
+        )
+            .into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare_is_correct() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Timestamp(1_700_000_000_123)), "2023-11-14T22:13:20.123Z");
+    }
+}

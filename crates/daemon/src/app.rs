@@ -1,0 +1,130 @@
+//! Wires a loaded config into a running daemon: store, metrics, managers,
+//! router and the HTTP API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use batchrouter_config::LoadedConfig;
+use batchrouter_core::{DestinationContext, JobStore};
+use batchrouter_router::{factory, Metrics, Router, RouterBuilder, RouterOptions, ShutdownReport};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiState, DestinationInfo};
+
+/// A running daemon.
+pub struct App {
+    addr: SocketAddr,
+    router: Router,
+    store: Arc<dyn JobStore>,
+    metrics: Arc<Metrics>,
+    server: JoinHandle<()>,
+    stop_server: oneshot::Sender<()>,
+}
+
+/// Opens the store, builds every enabled destination, recovers, starts the
+/// router and binds the API.
+pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
+    let store = batchrouter_store::open(cfg.store.url.expose())
+        .await
+        .with_context(|| format!("cannot open the job store {}", cfg.store.redacted_url()))?;
+    let metrics = Metrics::new();
+    let options = RouterOptions {
+        staging_dir: cfg.store.staging_dir.clone(),
+        job_retention: cfg.global.job_retention,
+        ..RouterOptions::new()
+    };
+    let mut builder = RouterBuilder::new(store, metrics.clone(), options);
+    let mut infos = BTreeMap::new();
+    for d in &cfg.destinations {
+        infos.insert(
+            d.id.clone(),
+            DestinationInfo {
+                kind: d.kind.clone(),
+                enabled: d.enabled,
+            },
+        );
+        if !d.enabled {
+            tracing::info!(destination_id = %d.id, "Destination disabled; its jobs wait.");
+            continue;
+        }
+        let ctx = DestinationContext {
+            id: d.id.clone(),
+            destination_type: d.kind.clone(),
+            telemetry: metrics.telemetry(&d.kind, &d.id),
+        };
+        let manager = factory::build_manager(&ctx, &d.config)
+            .with_context(|| format!("destination `{}`", d.id))?;
+        builder = builder.destination(d.id.clone(), d.kind.clone(), manager, d.settings.clone());
+    }
+    let router = builder.start().await.context("cannot start the router")?;
+    let state = ApiState {
+        store: router.store(),
+        metrics: metrics.clone(),
+        router: router.handle(),
+        destinations: Arc::new(infos),
+        auth_token: cfg.server.auth_token.clone(),
+        max_body_bytes: usize::try_from(cfg.server.max_body_bytes).unwrap_or(usize::MAX),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop_server, stopped) = oneshot::channel::<()>();
+    let app = api::routes(state);
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed.");
+        }
+    });
+    tracing::info!(
+        %addr,
+        store = %cfg.store.redacted_url(),
+        destinations = cfg.destinations.len(),
+        auth = cfg.server.auth_token.is_some(),
+        "batchrouterd started."
+    );
+    let store = router.store();
+    Ok(App {
+        addr,
+        router,
+        store,
+        metrics,
+        server,
+        stop_server,
+    })
+}
+
+impl App {
+    /// Where the API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The store as the router uses it.
+    pub fn store(&self) -> Arc<dyn JobStore> {
+        self.store.clone()
+    }
+
+    /// Metric families.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Graceful stop: the API first (in-flight requests finish), then the
+    /// router (stop claiming, release, let uploads finish).
+    pub async fn shutdown(self) -> ShutdownReport {
+        tracing::info!("Shutting down: no new requests, no new claims.");
+        let _ = self.stop_server.send(());
+        if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
+            tracing::warn!("HTTP server did not stop within 5s.");
+        }
+        self.router.shutdown().await
+    }
+}

@@ -1,0 +1,423 @@
+//! The one HTTP client of a destination: fixed headers (key, revision,
+//! JSON:API media type), bounded timeouts, the shared rate limiter, one
+//! telemetry count per request, and parsing of JSON:API error documents.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use batchrouter_core::classify::{error_for_status, excerpt, parse_retry_after};
+use batchrouter_core::{DestinationError, DestinationTelemetry};
+use bytes::Bytes;
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
+use serde::Deserialize;
+
+use crate::config::KlaviyoConfig;
+use crate::ratelimit::{RateLimiter, MAX_PAUSE};
+
+/// JSON:API media type Klaviyo requires on requests and answers.
+pub const JSON_API: &str = "application/vnd.api+json";
+/// Largest answer read into memory; Klaviyo's answers are a few KB.
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+
+/// Why a request produced no HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A 429 pause is in force; nothing was sent.
+    #[error("Klaviyo asked us to pause ({0:?} left after a 429)")]
+    Paused(Duration),
+    /// The request did not finish within `requestTimeout` / `connectTimeout`.
+    #[error("request to Klaviyo timed out: {0}")]
+    Timeout(String),
+    /// Connection refused or reset, TLS failure, answer cut short, …
+    #[error("request to Klaviyo failed: {0}")]
+    Transport(String),
+}
+
+impl RequestError {
+    /// The class the router acts on: pauses throttle, the rest is transient.
+    pub fn to_destination_error(&self) -> DestinationError {
+        match self {
+            RequestError::Paused(d) => DestinationError::throttled(self.to_string(), Some(*d)),
+            RequestError::Timeout(_) | RequestError::Transport(_) => {
+                DestinationError::retryable(self.to_string())
+            }
+        }
+    }
+}
+
+/// An HTTP answer, whatever its status.
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// The body, at most [`MAX_ANSWER_BYTES`].
+    pub body: Bytes,
+    /// Parsed `Retry-After`, when present.
+    pub retry_after: Option<Duration>,
+}
+
+impl Answer {
+    /// Whether the status is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The JSON:API `errors` of the body (empty when it has none or is not JSON).
+    pub fn errors(&self) -> Vec<ApiErrorItem> {
+        serde_json::from_slice::<ErrorDocument>(&self.body)
+            .map(|d| d.errors)
+            .unwrap_or_default()
+    }
+
+    /// A one-line summary: the errors' texts, else a body excerpt.
+    pub fn summary(&self) -> String {
+        let errors = self.errors();
+        let text = if errors.is_empty() {
+            excerpt(&String::from_utf8_lossy(&self.body), 200)
+        } else {
+            let joined: Vec<String> = errors.iter().map(ApiErrorItem::describe).collect();
+            excerpt(&joined.join("; "), 500)
+        };
+        if text.is_empty() {
+            format!("Klaviyo answered HTTP {}", self.status)
+        } else {
+            format!("Klaviyo answered HTTP {}: {text}", self.status)
+        }
+    }
+
+    /// The generic class of a non-2xx answer (None for 2xx).
+    pub fn to_destination_error(&self) -> Option<DestinationError> {
+        let e = error_for_status(self.status, "", self.retry_after)?;
+        let message = self.summary();
+        Some(match e {
+            DestinationError::Retryable { retry_after, .. } => DestinationError::Retryable {
+                message,
+                retry_after,
+            },
+            DestinationError::Throttled { retry_after, .. } => DestinationError::Throttled {
+                message,
+                retry_after,
+            },
+            DestinationError::Permanent { .. } => DestinationError::Permanent { message },
+        })
+    }
+}
+
+/// A JSON:API error document.
+#[derive(Debug, Deserialize)]
+struct ErrorDocument {
+    #[serde(default)]
+    errors: Vec<ApiErrorItem>,
+}
+
+/// One JSON:API error object.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ApiErrorItem {
+    /// Machine code, e.g. `invalid`.
+    #[serde(default)]
+    pub code: Option<String>,
+    /// Short title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// The explanation users need.
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// Where in the request the problem is.
+    #[serde(default)]
+    pub source: Option<ErrorSource>,
+}
+
+/// JSON:API `source` of an error.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ErrorSource {
+    /// JSON pointer into the request body.
+    #[serde(default)]
+    pub pointer: Option<String>,
+    /// Query parameter or header at fault.
+    #[serde(default)]
+    pub parameter: Option<String>,
+}
+
+impl ApiErrorItem {
+    /// `detail (code)`, or the title when there is no detail.
+    pub fn describe(&self) -> String {
+        describe(
+            self.code.as_deref(),
+            self.title.as_deref(),
+            self.detail.as_deref(),
+        )
+    }
+
+    /// The pointer, when the error has one.
+    pub fn pointer(&self) -> Option<&str> {
+        self.source.as_ref()?.pointer.as_deref()
+    }
+}
+
+/// Human text of an error from its code, title and detail.
+pub fn describe(code: Option<&str>, title: Option<&str>, detail: Option<&str>) -> String {
+    let main = detail
+        .filter(|d| !d.trim().is_empty())
+        .or(title.filter(|t| !t.trim().is_empty()))
+        .unwrap_or("no detail given");
+    match code.filter(|c| !c.is_empty()) {
+        Some(c) => format!("{main} ({c})"),
+        None => main.to_string(),
+    }
+}
+
+/// The profile index a pointer names (`…/profiles/data/<n>[/…]`).
+pub fn profile_index(pointer: &str) -> Option<usize> {
+    let rest = &pointer[pointer.find("/profiles/data/")? + "/profiles/data/".len()..];
+    let digits = rest.split('/').next()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Sends requests to one Klaviyo account.
+pub struct KlaviyoClient {
+    http: reqwest::Client,
+    base: String,
+    origin: String,
+    limiter: RateLimiter,
+    telemetry: Arc<dyn DestinationTelemetry>,
+}
+
+impl KlaviyoClient {
+    /// Builds the client; no network I/O happens here.
+    pub fn new(
+        cfg: &KlaviyoConfig,
+        telemetry: Arc<dyn DestinationTelemetry>,
+    ) -> Result<Self, String> {
+        let mut headers = HeaderMap::new();
+        let mut auth =
+            HeaderValue::from_str(&format!("Klaviyo-API-Key {}", cfg.private_api_key.expose()))
+                .map_err(|_| "`privateApiKey` cannot be sent in a header".to_string())?;
+        auth.set_sensitive(true);
+        headers.insert(AUTHORIZATION, auth);
+        headers.insert(
+            "revision",
+            HeaderValue::from_str(&cfg.revision)
+                .map_err(|_| "`revision` cannot be sent in a header".to_string())?,
+        );
+        headers.insert(ACCEPT, HeaderValue::from_static(JSON_API));
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("batchrouter/", env!("CARGO_PKG_VERSION"))),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(KlaviyoClient {
+            http,
+            base: cfg.base_url.clone(),
+            origin: origin_of(&cfg.base_url).unwrap_or_default(),
+            limiter: RateLimiter::new(cfg.rate_limit_per_second, cfg.rate_limit_per_minute),
+            telemetry,
+        })
+    }
+
+    /// `base` + `path` (path starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Whether `url` points at the configured API (scheme, host and port),
+    /// so the key is never sent to a host a pagination link names.
+    pub fn same_origin(&self, url: &str) -> bool {
+        origin_of(url).is_some_and(|o| o == self.origin)
+    }
+
+    /// POSTs a JSON:API body.
+    pub async fn post(&self, url: &str, body: Bytes) -> Result<Answer, RequestError> {
+        let req = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static(JSON_API))
+            .body(body);
+        self.send(req).await
+    }
+
+    /// GETs a resource.
+    pub async fn get(&self, url: &str) -> Result<Answer, RequestError> {
+        self.send(self.http.get(url)).await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, RequestError> {
+        self.limiter.acquire().await.map_err(RequestError::Paused)?;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return Err(self.transport_error(e)),
+        };
+        let status = resp.status().as_u16();
+        self.telemetry.request(&status.to_string());
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            .map(|d| d.min(MAX_PAUSE));
+        if status == 429 {
+            if let Some(d) = retry_after {
+                self.limiter.pause_for(d);
+            }
+        }
+        let body = read_capped(resp).await.map_err(|e| self.body_error(e))?;
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> RequestError {
+        let timeout = e.is_timeout();
+        self.telemetry
+            .request(if timeout { "timeout" } else { "error" });
+        let text = error_chain(&e.without_url());
+        if timeout {
+            RequestError::Timeout(text)
+        } else {
+            RequestError::Transport(text)
+        }
+    }
+
+    fn body_error(&self, e: reqwest::Error) -> RequestError {
+        // The status was already counted; the answer was then cut short.
+        let timeout = e.is_timeout();
+        let text = error_chain(&e.without_url());
+        if timeout {
+            RequestError::Timeout(format!("reading the answer: {text}"))
+        } else {
+            RequestError::Transport(format!("reading the answer: {text}"))
+        }
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
+            buf.extend_from_slice(&chunk[..MAX_ANSWER_BYTES - buf.len()]);
+            break;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// The error and its causes on one line (reqwest hides the useful part in sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// `scheme://host:port` of a URL, with the default port made explicit.
+fn origin_of(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    Some(format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str()?,
+        u.port_or_known_default()?
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            body: Bytes::from(body.to_string()),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn pointers_name_profile_indices() {
+        assert_eq!(
+            profile_index("/data/attributes/profiles/data/3/attributes/email"),
+            Some(3)
+        );
+        assert_eq!(profile_index("/data/attributes/profiles/data/12"), Some(12));
+        assert_eq!(profile_index("/data/attributes/profiles/data/"), None);
+        assert_eq!(
+            profile_index("/data/attributes/profiles/data/x/attributes"),
+            None
+        );
+        assert_eq!(profile_index("/data/relationships/lists/data/0/id"), None);
+    }
+
+    #[test]
+    fn json_api_errors_are_summarised_and_classified() {
+        let a = answer(
+            400,
+            r#"{"errors":[{"id":"1","status":400,"code":"invalid","title":"Invalid input.","detail":"The email is bad","source":{"pointer":"/data/attributes/profiles/data/0/attributes/email"}}]}"#,
+        );
+        let errs = a.errors();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].describe(), "The email is bad (invalid)");
+        assert_eq!(
+            a.summary(),
+            "Klaviyo answered HTTP 400: The email is bad (invalid)"
+        );
+        assert!(matches!(
+            a.to_destination_error(),
+            Some(DestinationError::Permanent { .. })
+        ));
+
+        let html = answer(502, "<html>\nBad gateway</html>");
+        assert!(html.errors().is_empty());
+        assert_eq!(
+            html.summary(),
+            "Klaviyo answered HTTP 502: <html> Bad gateway</html>"
+        );
+        assert!(matches!(
+            html.to_destination_error(),
+            Some(DestinationError::Retryable { .. })
+        ));
+
+        let mut t = answer(429, "");
+        t.retry_after = Some(Duration::from_secs(3));
+        assert_eq!(
+            t.to_destination_error(),
+            Some(DestinationError::throttled(
+                "Klaviyo answered HTTP 429",
+                Some(Duration::from_secs(3))
+            ))
+        );
+        assert!(answer(202, "{}").to_destination_error().is_none());
+        assert_eq!(describe(None, Some("Title"), Some(" ")), "Title");
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        assert_eq!(
+            origin_of("https://a.klaviyo.com/api/x?y=1").as_deref(),
+            Some("https://a.klaviyo.com:443")
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:8080").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(origin_of("not a url"), None);
+    }
+}

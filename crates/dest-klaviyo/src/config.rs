@@ -1,0 +1,521 @@
+//! The `[destinations.config]` table of a `KLAVIYO_BULK_UPLOAD` destination:
+//! keys, defaults and every semantic check, so `check-config` lists all
+//! problems at once instead of stopping at the first.
+
+use std::time::Duration;
+
+use batchrouter_core::lookup::{parse_bytes, parse_duration};
+use batchrouter_core::{parse_destination_config, ConfigProblems, Secret};
+use serde_json::{Map, Value};
+
+/// The vendor's API host, used when `baseUrl` is not set.
+pub const DEFAULT_BASE_URL: &str = "https://a.klaviyo.com";
+/// The dated API revision sent by default; a documented, current revision.
+pub const DEFAULT_REVISION: &str = "2025-01-15";
+/// The vendor's per-profile limit (100 KB), the safe default for `maxProfileBytes`.
+pub const DEFAULT_MAX_PROFILE_BYTES: u64 = 100_000;
+/// The vendor's hard cap on profiles in one bulk import request.
+pub const VENDOR_MAX_PROFILES_PER_REQUEST: u64 = 10_000;
+/// The vendor's hard cap on one request body (5 MB).
+pub const VENDOR_MAX_REQUEST_BYTES: u64 = 5_000_000;
+/// Default request body cap: 10% under the vendor's 5 MB, a margin for proxies.
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 4_500_000;
+/// The vendor's documented burst rate for the bulk import endpoints.
+pub const DEFAULT_RATE_LIMIT_PER_SECOND: u32 = 10;
+/// The vendor's documented steady rate for the bulk import endpoints.
+pub const DEFAULT_RATE_LIMIT_PER_MINUTE: u32 = 150;
+/// Default TCP/TLS connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default whole-request timeout (a 5 MB upload over a slow link fits).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest timeout accepted: anything longer is a typo, not a wish.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Smallest request body cap accepted: anything smaller cannot hold a real profile.
+const MIN_REQUEST_BYTES: u64 = 4_096;
+/// Bytes of request envelope around the profiles, list relationship excluded.
+pub(crate) const ENVELOPE_OVERHEAD: u64 = 128;
+
+/// Every key accepted under `[destinations.config]`.
+pub const CONFIG_KEYS: &[&str] = &[
+    "privateApiKey",
+    "listId",
+    "baseUrl",
+    "revision",
+    "maxProfileBytes",
+    "maxProfilesPerRequest",
+    "maxRequestBytes",
+    "rateLimitPerSecond",
+    "rateLimitPerMinute",
+    "connectTimeout",
+    "requestTimeout",
+];
+
+/// A validated destination config; only [`KlaviyoConfig::from_value`] builds one.
+#[derive(Clone, Debug)]
+pub struct KlaviyoConfig {
+    /// Sent as `Authorization: Klaviyo-API-Key …`; never printed.
+    pub private_api_key: Secret,
+    /// List the imported profiles are added to, when set.
+    pub list_id: Option<String>,
+    /// Scheme, host, port and optional path prefix, without a trailing slash.
+    pub base_url: String,
+    /// The `revision` header (`YYYY-MM-DD` or `YYYY-MM-DD.suffix`).
+    pub revision: String,
+    /// Largest staged profile (compact JSON bytes); larger ones are aborted at transform.
+    pub max_profile_bytes: u64,
+    /// Most profiles per bulk import request.
+    pub max_profiles_per_request: usize,
+    /// Largest encoded request body.
+    pub max_request_bytes: u64,
+    /// Requests allowed in any one-second window (burst).
+    pub rate_limit_per_second: u32,
+    /// Requests allowed in any one-minute window (steady).
+    pub rate_limit_per_minute: u32,
+    /// Bound on connecting to the API.
+    pub connect_timeout: Duration,
+    /// Bound on one whole request, body upload and answer included.
+    pub request_timeout: Duration,
+}
+
+impl KlaviyoConfig {
+    /// Parses and checks a config table, reporting every problem found.
+    pub fn from_value(config: &Value) -> Result<Self, ConfigProblems> {
+        // Unknown keys (with did-you-mean) come from the shared parser; the
+        // per-key checks below run regardless so every problem is listed.
+        let mut problems = match parse_destination_config::<Map<String, Value>>(config, CONFIG_KEYS)
+        {
+            Ok(_) => ConfigProblems(Vec::new()),
+            Err(p) => p,
+        };
+        let empty = Map::new();
+        let map = config.as_object().unwrap_or(&empty);
+        let mut p = Checker {
+            map,
+            problems: &mut problems,
+        };
+
+        let key = p.string("privateApiKey");
+        let private_api_key = match key {
+            None => {
+                p.push("`privateApiKey` is required (the Klaviyo private API key, e.g. \"${KLAVIYO_PRIVATE_API_KEY}\")");
+                Secret::default()
+            }
+            Some(k) if k.trim().is_empty() => {
+                p.push("`privateApiKey` is empty (is the environment variable it comes from set?)");
+                Secret::default()
+            }
+            Some(k) => {
+                if k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    p.push("`privateApiKey` contains whitespace or control characters (check where it comes from)");
+                }
+                Secret::new(k)
+            }
+        };
+
+        let list_id = p.string("listId").and_then(|l| {
+            if l.is_empty() {
+                p.push("`listId` is empty: remove the key or name a Klaviyo list id");
+                None
+            } else if !l
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                p.push(format!(
+                    "`listId` {l:?} is not a Klaviyo list id (letters, digits, `-`, `_`)"
+                ));
+                None
+            } else {
+                Some(l)
+            }
+        });
+
+        let base_url = match p.string("baseUrl") {
+            None => DEFAULT_BASE_URL.to_string(),
+            Some(u) => match check_base_url(&u) {
+                Ok(u) => u,
+                Err(why) => {
+                    p.push(format!("`baseUrl` {why}"));
+                    DEFAULT_BASE_URL.to_string()
+                }
+            },
+        };
+
+        let revision = match p.string("revision") {
+            None => DEFAULT_REVISION.to_string(),
+            Some(r) => {
+                if !is_revision(&r) {
+                    p.push(format!(
+                        "`revision` {r:?} is not an API revision (YYYY-MM-DD or YYYY-MM-DD.suffix, e.g. {DEFAULT_REVISION:?})"
+                    ));
+                }
+                r
+            }
+        };
+
+        let max_request_bytes = p
+            .bytes("maxRequestBytes")
+            .unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+        if !(MIN_REQUEST_BYTES..=VENDOR_MAX_REQUEST_BYTES).contains(&max_request_bytes) {
+            p.push(format!(
+                "`maxRequestBytes` = {max_request_bytes} is outside {MIN_REQUEST_BYTES}..={VENDOR_MAX_REQUEST_BYTES} (Klaviyo refuses bodies over 5 MB)"
+            ));
+        }
+        let list_overhead = list_id.as_ref().map_or(0, |l| l.len() as u64 + 64);
+        let room = max_request_bytes.saturating_sub(ENVELOPE_OVERHEAD + list_overhead);
+        // Unset, the vendor's figure, shrunk to fit a smaller request cap.
+        let max_profile_bytes = p
+            .bytes("maxProfileBytes")
+            .unwrap_or_else(|| DEFAULT_MAX_PROFILE_BYTES.min(room.max(64)));
+        if max_profile_bytes < 64 {
+            p.push(format!("`maxProfileBytes` = {max_profile_bytes} is too small to hold a profile (at least 64)"));
+        } else if max_profile_bytes > room
+            && (MIN_REQUEST_BYTES..=VENDOR_MAX_REQUEST_BYTES).contains(&max_request_bytes)
+        {
+            p.push(format!(
+                "`maxProfileBytes` = {max_profile_bytes} does not fit in one request of `maxRequestBytes` = {max_request_bytes} (at most {room})"
+            ));
+        }
+
+        let max_profiles = p
+            .count("maxProfilesPerRequest")
+            .unwrap_or(VENDOR_MAX_PROFILES_PER_REQUEST);
+        if !(1..=VENDOR_MAX_PROFILES_PER_REQUEST).contains(&max_profiles) {
+            p.push(format!(
+                "`maxProfilesPerRequest` = {max_profiles} is outside 1..={VENDOR_MAX_PROFILES_PER_REQUEST} (Klaviyo's limit)"
+            ));
+        }
+
+        let per_second = p.rate("rateLimitPerSecond", DEFAULT_RATE_LIMIT_PER_SECOND);
+        let per_minute = p.rate("rateLimitPerMinute", DEFAULT_RATE_LIMIT_PER_MINUTE);
+
+        let connect_timeout = p
+            .duration("connectTimeout")
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let request_timeout = p
+            .duration("requestTimeout")
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+
+        problems.into_result()?;
+        Ok(KlaviyoConfig {
+            private_api_key,
+            list_id,
+            base_url,
+            revision,
+            max_profile_bytes,
+            max_profiles_per_request: max_profiles as usize,
+            max_request_bytes,
+            rate_limit_per_second: per_second,
+            rate_limit_per_minute: per_minute,
+            connect_timeout,
+            request_timeout,
+        })
+    }
+}
+
+/// Reads one key at a time, recording a problem instead of stopping.
+struct Checker<'a> {
+    map: &'a Map<String, Value>,
+    problems: &'a mut ConfigProblems,
+}
+
+impl Checker<'_> {
+    fn push(&mut self, problem: impl Into<String>) {
+        self.problems.push(problem);
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                let kind = kind(other);
+                self.push(format!("`{key}` must be a string, not {kind}"));
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, key: &str) -> Option<u64> {
+        match self.get(key)? {
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
+            Value::String(s) => match batchrouter_core::lookup::parse_count(s) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.push(format!("`{key}`: {e}"));
+                    None
+                }
+            },
+            other => {
+                let kind = kind(other);
+                self.push(format!(
+                    "`{key}` must be a non-negative integer, not {kind}"
+                ));
+                None
+            }
+        }
+    }
+
+    fn rate(&mut self, key: &str, default: u32) -> u32 {
+        match self.count(key) {
+            None => default,
+            Some(0) => {
+                self.push(format!("`{key}` must be at least 1"));
+                default
+            }
+            Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+                self.push(format!("`{key}` = {n} is too large"));
+                default
+            }),
+        }
+    }
+
+    fn bytes(&mut self, key: &str) -> Option<u64> {
+        match self.get(key)? {
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
+            Value::String(s) => match parse_bytes(s) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    self.push(format!("`{key}`: {e}"));
+                    None
+                }
+            },
+            other => {
+                let kind = kind(other);
+                self.push(format!(
+                    "`{key}` must be a byte size (e.g. 100KB or 100000), not {kind}"
+                ));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Option<Duration> {
+        let d = match self.get(key)? {
+            Value::Number(n) if n.as_u64().is_some() => {
+                Duration::from_secs(n.as_u64().unwrap_or(0))
+            }
+            Value::String(s) => match parse_duration(s, Duration::from_secs(1)) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(format!("`{key}`: {e}"));
+                    return None;
+                }
+            },
+            other => {
+                let kind = kind(other);
+                self.push(format!(
+                    "`{key}` must be a duration (e.g. \"10s\"), not {kind}"
+                ));
+                return None;
+            }
+        };
+        if d.is_zero() {
+            self.push(format!("`{key}` must be longer than zero"));
+            return None;
+        }
+        if d > MAX_TIMEOUT {
+            self.push(format!("`{key}` = {d:?} is longer than the 1h allowed"));
+            return None;
+        }
+        Some(d)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a table",
+    }
+}
+
+/// Checks an http(s) base URL and returns it without a trailing slash.
+fn check_base_url(raw: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{raw:?} must use http or https"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials (the API key goes in `privateApiKey`)".to_string());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{raw:?} must not have a query or fragment"));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("{raw:?} has no host"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// `YYYY-MM-DD` with a plausible month and day, optionally `.suffix`.
+fn is_revision(r: &str) -> bool {
+    let (date, suffix) = match r.split_once('.') {
+        Some((d, s)) => (d, Some(s)),
+        None => (r, None),
+    };
+    if let Some(s) = suffix {
+        if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return false;
+        }
+    }
+    let parts: Vec<&str> = date.split('-').collect();
+    if parts.len() != 3 || parts[0].len() != 4 || parts[1].len() != 2 || parts[2].len() != 2 {
+        return false;
+    }
+    let nums: Option<Vec<u32>> = parts.iter().map(|p| p.parse::<u32>().ok()).collect();
+    match nums.as_deref() {
+        Some([y, m, d]) => *y >= 2000 && (1..=12).contains(m) && (1..=31).contains(d),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_fill_everything_but_the_key() {
+        let c = KlaviyoConfig::from_value(&json!({"privateApiKey": "pk_abc"})).unwrap();
+        assert_eq!(c.private_api_key.expose(), "pk_abc");
+        assert_eq!(c.base_url, DEFAULT_BASE_URL);
+        assert_eq!(c.revision, DEFAULT_REVISION);
+        assert_eq!(c.max_profile_bytes, 100_000);
+        assert_eq!(c.max_profiles_per_request, 10_000);
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(
+            (c.rate_limit_per_second, c.rate_limit_per_minute),
+            (10, 150)
+        );
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.list_id, None);
+        assert!(
+            !format!("{c:?}").contains("pk_abc"),
+            "Debug must redact the key"
+        );
+    }
+
+    #[test]
+    fn explicit_values_are_parsed_in_their_units() {
+        let c = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "pk_abc",
+            "listId": "Xy12ab",
+            "baseUrl": "http://127.0.0.1:8080/",
+            "revision": "2024-10-15.pre",
+            "maxProfileBytes": "50KB",
+            "maxProfilesPerRequest": 500,
+            "maxRequestBytes": "1MB",
+            "rateLimitPerSecond": 3,
+            "rateLimitPerMinute": "60",
+            "connectTimeout": "2s",
+            "requestTimeout": 30
+        }))
+        .unwrap();
+        assert_eq!(c.base_url, "http://127.0.0.1:8080");
+        assert_eq!(c.list_id.as_deref(), Some("Xy12ab"));
+        assert_eq!(c.revision, "2024-10-15.pre");
+        assert_eq!(c.max_profile_bytes, 50_000);
+        assert_eq!(c.max_profiles_per_request, 500);
+        assert_eq!(c.max_request_bytes, 1_000_000);
+        assert_eq!((c.rate_limit_per_second, c.rate_limit_per_minute), (3, 60));
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let err = KlaviyoConfig::from_value(&json!({
+            "privateApiKy": "pk_abc",
+            "listId": "has space",
+            "baseUrl": "ftp://example.com",
+            "revision": "latest",
+            "maxProfileBytes": "huge",
+            "maxProfilesPerRequest": 20000,
+            "maxRequestBytes": "6MB",
+            "rateLimitPerSecond": 0,
+            "rateLimitPerMinute": "fast",
+            "connectTimeout": "0s",
+            "requestTimeout": true
+        }))
+        .unwrap_err();
+        let all = err.0.join("\n");
+        for needle in [
+            "unknown key `privateApiKy` (did you mean `privateApiKey`?)",
+            "`privateApiKey` is required",
+            "`listId` \"has space\"",
+            "`baseUrl` \"ftp://example.com\" must use http or https",
+            "`revision` \"latest\"",
+            "`maxProfileBytes`:",
+            "`maxProfilesPerRequest` = 20000",
+            "`maxRequestBytes` = 6000000",
+            "`rateLimitPerSecond` must be at least 1",
+            "`rateLimitPerMinute`:",
+            "`connectTimeout` must be longer than zero",
+            "`requestTimeout` must be a duration",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert_eq!(err.0.len(), 12, "{all}");
+    }
+
+    #[test]
+    fn key_problems_never_echo_the_key() {
+        let err =
+            KlaviyoConfig::from_value(&json!({"privateApiKey": "pk_secret value"})).unwrap_err();
+        assert!(err.0[0].contains("whitespace"), "{err:?}");
+        assert!(!err.to_string().contains("pk_secret"), "{err}");
+        let err = KlaviyoConfig::from_value(&json!({"privateApiKey": "  "})).unwrap_err();
+        assert!(err.0[0].contains("empty"), "{err:?}");
+        let err = KlaviyoConfig::from_value(&json!({"privateApiKey": "k", "requestTimeout": "2h"}))
+            .unwrap_err();
+        assert!(err.0[0].contains("longer than the 1h allowed"), "{err:?}");
+    }
+
+    #[test]
+    fn profile_limit_must_fit_in_a_request_and_urls_carry_no_credentials() {
+        let c =
+            KlaviyoConfig::from_value(&json!({"privateApiKey": "k", "maxRequestBytes": 20_000}))
+                .unwrap();
+        assert_eq!(
+            c.max_profile_bytes,
+            20_000 - ENVELOPE_OVERHEAD,
+            "unset: shrunk to fit"
+        );
+        let err = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "maxRequestBytes": 10_000, "maxProfileBytes": 20_000
+        }))
+        .unwrap_err();
+        assert!(err.0[0].contains("does not fit in one request"), "{err:?}");
+        let err = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "baseUrl": "https://user:pw@example.com"
+        }))
+        .unwrap_err();
+        assert!(err.0[0].contains("must not carry credentials"), "{err:?}");
+        assert!(!err.0[0].contains("pw@"), "{err:?}");
+    }
+
+    #[test]
+    fn revisions() {
+        for ok in ["2025-01-15", "2024-10-15.pre", "2023-02-22"] {
+            assert!(is_revision(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "2025-1-15",
+            "2025-13-01",
+            "25-01-15",
+            "2025-01-15.",
+            "2025-01-15.a b",
+            "1999-01-01",
+        ] {
+            assert!(!is_revision(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,754 @@
+//! Uploading a staged batch. A blocking thread streams the staged file
+//! (never the async runtime) and packs the lines into request bodies of at
+//! most `maxProfilesPerRequest` profiles and `maxRequestBytes` encoded bytes
+//! (measured exactly: the body is the staged lines themselves inside a fixed
+//! envelope), one body ahead of the sender; each accepted request becomes
+//! its own Klaviyo import job with its own persisted context.
+//!
+//! Answers: 2xx → importing; 400 whose errors all point at profiles →
+//! those jobs aborted, the rest resubmitted once; 413 → the request is split
+//! in halves; 429 → throttled (this request and the rest of the batch);
+//! 5xx, timeouts, transport → failed (the rest of the batch is not sent);
+//! other 4xx → aborted with Klaviyo's detail (401/403 stop the batch).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::ops::Range;
+use std::time::Instant;
+
+use batchrouter_core::{
+    DestinationError, ErrorCode, JobError, JobId, NewImport, Outcome, StagedBatch, UploadOutput,
+};
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::client::{profile_index, Answer, RequestError};
+use crate::context::{ImportContext, ProfileKeys, CONTEXT_VERSION};
+use crate::poll::JobDocument;
+use crate::KlaviyoManager;
+
+/// Where bulk import jobs are created.
+pub const CREATE_PATH: &str = "/api/profile-bulk-import-jobs";
+const BODY_PREFIX: &str =
+    r#"{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":["#;
+
+/// The fixed text around the profiles of a request body.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    prefix: &'static str,
+    suffix: String,
+}
+
+impl Envelope {
+    /// The envelope for an optional list association.
+    pub fn new(list_id: Option<&str>) -> Self {
+        let mut suffix = String::from("]}}");
+        if let Some(list) = list_id {
+            let id = serde_json::to_string(list).unwrap_or_else(|_| "\"\"".into());
+            suffix.push_str(r#","relationships":{"lists":{"data":[{"type":"list","id":"#);
+            suffix.push_str(&id);
+            suffix.push_str("}]}}");
+        }
+        suffix.push_str("}}");
+        Envelope {
+            prefix: BODY_PREFIX,
+            suffix,
+        }
+    }
+
+    /// Bytes of envelope around the profiles.
+    pub fn len(&self) -> u64 {
+        (self.prefix.len() + self.suffix.len()) as u64
+    }
+
+    /// Whether the envelope is empty (it never is; clippy wants the pair).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The exact encoded size of a body holding profiles of these sizes.
+    pub fn body_len(&self, line_bytes: u64, profiles: usize) -> u64 {
+        self.len() + line_bytes + profiles.saturating_sub(1) as u64
+    }
+
+    /// The request body: the staged lines, comma-separated, in the envelope.
+    pub fn body<S: AsRef<[u8]>>(&self, lines: &[S]) -> Bytes {
+        let mut b = ChunkBuilder::new(self);
+        for (i, l) in lines.iter().enumerate() {
+            b.push(i as JobId, l.as_ref(), ProfileKeys::default());
+        }
+        b.finish(self).body
+    }
+}
+
+/// Profiles bound for one request: the encoded body, each profile's span
+/// in it, and its job and keys (lines are never held twice).
+struct Chunk {
+    jobs: Vec<JobId>,
+    keys: Vec<ProfileKeys>,
+    spans: Vec<Range<usize>>,
+    body: Bytes,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// A new chunk of the profiles whose index satisfies `keep`.
+    fn subset(&self, envelope: &Envelope, keep: impl Fn(usize) -> bool) -> Chunk {
+        let mut b = ChunkBuilder::new(envelope);
+        for i in (0..self.len()).filter(|i| keep(*i)) {
+            b.push(
+                self.jobs[i],
+                &self.body[self.spans[i].clone()],
+                self.keys[i].clone(),
+            );
+        }
+        b.finish(envelope)
+    }
+
+    fn split(&self, envelope: &Envelope) -> (Chunk, Chunk) {
+        let mid = self.len() / 2;
+        (
+            self.subset(envelope, |i| i < mid),
+            self.subset(envelope, |i| i >= mid),
+        )
+    }
+}
+
+/// Builds a chunk's body while lines are added.
+struct ChunkBuilder {
+    jobs: Vec<JobId>,
+    keys: Vec<ProfileKeys>,
+    spans: Vec<Range<usize>>,
+    body: Vec<u8>,
+}
+
+impl ChunkBuilder {
+    fn new(envelope: &Envelope) -> Self {
+        let mut body = Vec::with_capacity(64 * 1024);
+        body.extend_from_slice(envelope.prefix.as_bytes());
+        ChunkBuilder {
+            jobs: Vec::new(),
+            keys: Vec::new(),
+            spans: Vec::new(),
+            body,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// The encoded size once `line_len` more bytes are added and the body closed.
+    fn len_with(&self, line_len: usize, envelope: &Envelope) -> u64 {
+        let comma = usize::from(!self.jobs.is_empty());
+        (self.body.len() + comma + line_len + envelope.suffix.len()) as u64
+    }
+
+    fn push(&mut self, job: JobId, line: &[u8], keys: ProfileKeys) {
+        if !self.jobs.is_empty() {
+            self.body.push(b',');
+        }
+        let start = self.body.len();
+        self.body.extend_from_slice(line);
+        self.spans.push(start..self.body.len());
+        self.jobs.push(job);
+        self.keys.push(keys);
+    }
+
+    fn finish(mut self, envelope: &Envelope) -> Chunk {
+        self.body.extend_from_slice(envelope.suffix.as_bytes());
+        Chunk {
+            jobs: self.jobs,
+            keys: self.keys,
+            spans: self.spans,
+            body: Bytes::from(self.body),
+        }
+    }
+}
+
+/// The part of a staged line needed for the key map.
+#[derive(Deserialize)]
+struct StagedProfile {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    attributes: Option<StagedAttributes>,
+}
+
+#[derive(Deserialize)]
+struct StagedAttributes {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    phone_number: Option<String>,
+    #[serde(default)]
+    external_id: Option<String>,
+}
+
+/// What the reader thread hands the sender.
+enum Item {
+    /// A request body, ready to send.
+    Chunk(Chunk),
+    /// A line that cannot be sent, with its outcome.
+    Decided(JobId, Outcome),
+    /// The staged file could not be read (further); jobs not yet handed over fail.
+    Broken(String),
+}
+
+/// Limits the reader packs requests to.
+#[derive(Clone)]
+struct Packing {
+    envelope: Envelope,
+    max_profiles: usize,
+    max_bytes: u64,
+}
+
+/// Streams the staged file into request bodies (runs on a blocking thread).
+fn read_staged(batch: StagedBatch, packing: Packing, tx: mpsc::Sender<Item>) {
+    let send = |item: Item| tx.blocking_send(item).is_ok();
+    let lines = match batch.lines() {
+        Ok(l) => l,
+        Err(e) => {
+            send(Item::Broken(format!(
+                "cannot open the staged file {}: {e}",
+                batch.path.display()
+            )));
+            return;
+        }
+    };
+    let env = &packing.envelope;
+    let room = packing.max_bytes.saturating_sub(env.len());
+    let mut chunk = ChunkBuilder::new(env);
+    for next in lines {
+        let (job, line) = match next {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // More lines than jobs: every job is already covered.
+                warn!(batch = %batch.batch_id, error = %e, "staged file has extra lines; ignored");
+                break;
+            }
+            Err(e) => {
+                if !chunk.is_empty() && !send(Item::Chunk(chunk.finish(env))) {
+                    return;
+                }
+                send(Item::Broken(format!(
+                    "staged file {}: {e}",
+                    batch.path.display()
+                )));
+                return;
+            }
+        };
+        let keys = match check_line(job, &line, room, packing.max_bytes) {
+            Ok(k) => k,
+            Err(outcome) => {
+                if !send(Item::Decided(job, outcome)) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let fits = chunk.jobs.len() < packing.max_profiles
+            && chunk.len_with(line.len(), env) <= packing.max_bytes;
+        if !fits {
+            let full = std::mem::replace(&mut chunk, ChunkBuilder::new(env));
+            if !send(Item::Chunk(full.finish(env))) {
+                return;
+            }
+        }
+        chunk.push(job, line.as_bytes(), keys);
+    }
+    if !chunk.is_empty() {
+        send(Item::Chunk(chunk.finish(env)));
+    }
+}
+
+/// Reads a staged line's identifiers; a line that cannot be sent gets its outcome.
+fn check_line(job: JobId, line: &str, room: u64, max_bytes: u64) -> Result<ProfileKeys, Outcome> {
+    if line.len() as u64 > room {
+        return Err(Outcome::Aborted(JobError::new(
+            ErrorCode::DestinationRejected,
+            format!(
+                "profile is {} bytes, more than fits in one request of maxRequestBytes = {max_bytes}",
+                line.len()
+            ),
+        )));
+    }
+    match serde_json::from_str::<StagedProfile>(line) {
+        Ok(p) if p.kind == "profile" => {
+            let a = p.attributes.as_ref();
+            Ok(ProfileKeys::new(
+                job,
+                p.id.as_deref(),
+                a.and_then(|a| a.email.as_deref()),
+                a.and_then(|a| a.phone_number.as_deref()),
+                a.and_then(|a| a.external_id.as_deref()),
+            ))
+        }
+        Ok(p) => Err(staged_line_error(format!("resource type {:?}", p.kind))),
+        Err(e) => Err(staged_line_error(e.to_string())),
+    }
+}
+
+/// Why the rest of a batch is not sent.
+#[derive(Clone)]
+enum Stop {
+    Throttled(JobError),
+    Failed(JobError),
+    Aborted(JobError),
+}
+
+impl Stop {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Stop::Throttled(e) => Outcome::Throttled(e.clone()),
+            Stop::Failed(e) => Outcome::Failed(e.clone()),
+            Stop::Aborted(e) => Outcome::Aborted(e.clone()),
+        }
+    }
+}
+
+/// One upload call's running state.
+struct Run<'a> {
+    m: &'a KlaviyoManager,
+    envelope: Envelope,
+    url: String,
+    out: UploadOutput,
+    stop: Option<Stop>,
+    requests: u32,
+    aborted: usize,
+    failed: usize,
+    throttled: usize,
+}
+
+/// Uploads one staged batch; see the module docs for the outcomes.
+pub async fn upload(m: &KlaviyoManager, batch: &StagedBatch) -> UploadOutput {
+    let started = Instant::now();
+    let envelope = Envelope::new(m.cfg.list_id.as_deref());
+    let mut run = Run {
+        m,
+        envelope: envelope.clone(),
+        url: m.client.url(CREATE_PATH),
+        out: UploadOutput::default(),
+        stop: None,
+        requests: 0,
+        aborted: 0,
+        failed: 0,
+        throttled: 0,
+    };
+    let packing = Packing {
+        envelope,
+        max_profiles: m.cfg.max_profiles_per_request,
+        max_bytes: m.cfg.max_request_bytes,
+    };
+    // One body ready while another is in flight: memory stays at a few
+    // request bodies whatever the batch size.
+    let (tx, mut rx) = mpsc::channel(1);
+    let reader = tokio::task::spawn_blocking({
+        let batch = batch.clone();
+        move || read_staged(batch, packing, tx)
+    });
+    let mut covered: HashSet<JobId> = HashSet::with_capacity(batch.job_ids.len());
+    let mut broken: Option<String> = None;
+    while let Some(item) = rx.recv().await {
+        match item {
+            Item::Chunk(chunk) => {
+                covered.extend(chunk.jobs.iter().copied());
+                run.send(chunk).await;
+                if run.stop.is_some() {
+                    break;
+                }
+            }
+            Item::Decided(job, outcome) => {
+                covered.insert(job);
+                run.decide(job, outcome);
+            }
+            Item::Broken(why) => broken = Some(why),
+        }
+    }
+    drop(rx);
+    if let Err(e) = reader.await {
+        broken.get_or_insert_with(|| format!("staged file reader failed: {e}"));
+    }
+    let stop = run
+        .stop
+        .clone()
+        .or_else(|| broken.map(|why| Stop::Failed(JobError::new(ErrorCode::Internal, why))));
+    let unsent: Vec<JobId> = batch
+        .job_ids
+        .iter()
+        .copied()
+        .filter(|j| !covered.contains(j))
+        .collect();
+    if !unsent.is_empty() {
+        let stop = stop.unwrap_or_else(|| {
+            Stop::Failed(JobError::new(
+                ErrorCode::Internal,
+                "the staged file ended before these jobs' lines".to_string(),
+            ))
+        });
+        for job in unsent {
+            run.decide(job, stop.outcome());
+        }
+    }
+    let importing: usize = run.out.imports.iter().map(|i| i.job_ids.len()).sum();
+    info!(
+        destination = %m.destination_id,
+        batch = %batch.batch_id,
+        attempt = batch.attempt,
+        jobs = batch.job_ids.len(),
+        imports = run.out.imports.len(),
+        importing,
+        aborted = run.aborted,
+        failed = run.failed,
+        throttled = run.throttled,
+        requests = run.requests,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "klaviyo upload"
+    );
+    run.out
+}
+
+impl Run<'_> {
+    /// Records one job's final word from this upload.
+    fn decide(&mut self, job: JobId, outcome: Outcome) {
+        match &outcome {
+            Outcome::Aborted(e) => {
+                self.aborted += 1;
+                debug!(destination = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job aborted");
+            }
+            Outcome::Failed(e) => {
+                self.failed += 1;
+                debug!(destination = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job failed");
+            }
+            Outcome::Throttled(_) => self.throttled += 1,
+            Outcome::Succeeded { .. } => {}
+        }
+        self.out.push(job, outcome);
+    }
+
+    fn decide_all(&mut self, jobs: &[JobId], outcome: &Outcome) {
+        for &job in jobs {
+            self.decide(job, outcome.clone());
+        }
+    }
+
+    /// Sends one chunk (splitting it on 413, resubmitting once after
+    /// stripping invalid profiles) and records every job's outcome.
+    async fn send(&mut self, chunk: Chunk) {
+        let mut queue: VecDeque<(Chunk, bool)> = VecDeque::from([(chunk, true)]);
+        while let Some((chunk, may_resubmit)) = queue.pop_front() {
+            if let Some(stop) = &self.stop {
+                let outcome = stop.outcome();
+                self.decide_all(&chunk.jobs, &outcome);
+                continue;
+            }
+            self.requests += 1;
+            let answer = match self.m.client.post(&self.url, chunk.body.clone()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    self.request_failed(&chunk.jobs, &e);
+                    continue;
+                }
+            };
+            if answer.is_success() {
+                self.accepted(chunk, &answer);
+                continue;
+            }
+            match answer.status {
+                413 if chunk.len() > 1 => {
+                    let (left, right) = chunk.split(&self.envelope);
+                    warn!(destination = %self.m.destination_id, profiles = left.len() + right.len(), "klaviyo refused the request as too large (413); splitting it");
+                    queue.push_front((right, may_resubmit));
+                    queue.push_front((left, may_resubmit));
+                }
+                413 => {
+                    let e = JobError::new(
+                        ErrorCode::DestinationRejected,
+                        format!(
+                            "profile is too large for Klaviyo even alone: {}",
+                            answer.summary()
+                        ),
+                    );
+                    self.decide_all(&chunk.jobs, &Outcome::Aborted(e));
+                }
+                429 => {
+                    let e = JobError::new(ErrorCode::Throttled, answer.summary());
+                    self.out.note_retry_after(answer.retry_after);
+                    self.decide_all(&chunk.jobs, &Outcome::Throttled(e.clone()));
+                    self.stop = Some(Stop::Throttled(not_sent(&e)));
+                }
+                400..=499 if !matches!(answer.status, 401 | 403 | 408) => {
+                    match attributable(&answer, chunk.len()) {
+                        Some(bad) => self.strip(chunk, bad, may_resubmit, &answer, &mut queue),
+                        None => {
+                            let e = JobError::new(ErrorCode::DestinationRejected, answer.summary());
+                            self.decide_all(&chunk.jobs, &Outcome::Aborted(e));
+                        }
+                    }
+                }
+                _ => match answer.to_destination_error() {
+                    Some(DestinationError::Permanent { message }) => {
+                        // 401/403 hold for every request of the batch: stop here.
+                        let e = JobError::new(ErrorCode::DestinationRejected, message);
+                        self.decide_all(&chunk.jobs, &Outcome::Aborted(e.clone()));
+                        if matches!(answer.status, 401 | 403) {
+                            self.stop = Some(Stop::Aborted(e));
+                        }
+                    }
+                    Some(other) => {
+                        let e = JobError::from(&other);
+                        self.out.note_retry_after(other.retry_after());
+                        self.decide_all(&chunk.jobs, &Outcome::from_destination_error(&other));
+                        self.stop = Some(Stop::Failed(not_sent(&e)));
+                    }
+                    None => {}
+                },
+            }
+        }
+    }
+
+    fn request_failed(&mut self, jobs: &[JobId], e: &RequestError) {
+        let de = e.to_destination_error();
+        let je = JobError::from(&de);
+        self.out.note_retry_after(de.retry_after());
+        self.decide_all(jobs, &Outcome::from_destination_error(&de));
+        self.stop = Some(match de {
+            DestinationError::Throttled { .. } => Stop::Throttled(not_sent(&je)),
+            _ => Stop::Failed(not_sent(&je)),
+        });
+    }
+
+    fn accepted(&mut self, chunk: Chunk, answer: &Answer) {
+        match JobDocument::parse(answer) {
+            Ok(doc) if crate::context::valid_job_id(&doc.data.id) => {
+                let context = ImportContext {
+                    v: CONTEXT_VERSION,
+                    klaviyo_job_id: doc.data.id,
+                    profiles: chunk.keys,
+                }
+                .to_value();
+                self.out.imports.push(NewImport {
+                    context,
+                    job_ids: chunk.jobs,
+                });
+            }
+            Ok(doc) => {
+                let e = JobError::new(
+                    ErrorCode::DestinationUnavailable,
+                    format!(
+                        "Klaviyo accepted the import but named an unusable job id {:?}",
+                        doc.data.id
+                    ),
+                );
+                self.decide_all(&chunk.jobs, &Outcome::Failed(e));
+            }
+            Err(why) => {
+                let e = JobError::new(
+                    ErrorCode::DestinationUnavailable,
+                    format!("Klaviyo accepted the import but its answer had no job id: {why}"),
+                );
+                self.decide_all(&chunk.jobs, &Outcome::Failed(e));
+            }
+        }
+    }
+
+    /// Aborts the profiles Klaviyo named and resubmits the rest once.
+    fn strip(
+        &mut self,
+        chunk: Chunk,
+        bad: BTreeMap<usize, Vec<String>>,
+        may_resubmit: bool,
+        answer: &Answer,
+        queue: &mut VecDeque<(Chunk, bool)>,
+    ) {
+        for (&i, texts) in &bad {
+            let e = JobError::new(
+                ErrorCode::DestinationRejected,
+                format!("Klaviyo rejected the profile: {}", texts.join("; ")),
+            );
+            self.decide(chunk.jobs[i], Outcome::Aborted(e));
+        }
+        let rest = chunk.subset(&self.envelope, |i| !bad.contains_key(&i));
+        warn!(
+            destination = %self.m.destination_id,
+            status = answer.status,
+            invalid = bad.len(),
+            remaining = rest.len(),
+            resubmit = may_resubmit,
+            "klaviyo rejected a request for invalid profiles"
+        );
+        if rest.len() == 0 {
+            return;
+        }
+        if may_resubmit {
+            queue.push_front((rest, false));
+        } else {
+            let e = JobError::new(
+                ErrorCode::DestinationUnavailable,
+                format!(
+                    "not imported: Klaviyo rejected the request again after invalid profiles were removed ({}); retrying later",
+                    answer.summary()
+                ),
+            );
+            self.decide_all(&rest.jobs, &Outcome::Failed(e));
+        }
+    }
+}
+
+/// Per-profile error texts when every error points at a profile of the request.
+fn attributable(answer: &Answer, profiles: usize) -> Option<BTreeMap<usize, Vec<String>>> {
+    let errors = answer.errors();
+    if errors.is_empty() {
+        return None;
+    }
+    let mut bad: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for e in &errors {
+        let i = e
+            .pointer()
+            .and_then(profile_index)
+            .filter(|i| *i < profiles)?;
+        bad.entry(i).or_default().push(e.describe());
+    }
+    Some(bad)
+}
+
+fn not_sent(e: &JobError) -> JobError {
+    JobError::new(
+        e.code,
+        format!(
+            "not sent: an earlier request of this batch failed: {}",
+            e.message
+        ),
+    )
+}
+
+fn staged_line_error(why: String) -> Outcome {
+    Outcome::Failed(JobError::new(
+        ErrorCode::Internal,
+        format!("staged line is not a Klaviyo profile ({why}); it will be transformed again"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn body_is_json_api_and_its_length_is_exact() {
+        for list in [None, Some("Xy12")] {
+            let env = Envelope::new(list);
+            let lines = vec![
+                r#"{"type":"profile","attributes":{"email":"a@b.c"}}"#.to_string(),
+                r#"{"type":"profile","id":"01P","attributes":{"phone_number":"+1555"}}"#
+                    .to_string(),
+            ];
+            let body = env.body(&lines);
+            let bytes: u64 = lines.iter().map(|l| l.len() as u64).sum();
+            assert_eq!(body.len() as u64, env.body_len(bytes, lines.len()));
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["data"]["type"], "profile-bulk-import-job");
+            assert_eq!(
+                v["data"]["attributes"]["profiles"]["data"]
+                    .as_array()
+                    .unwrap()
+                    .len(),
+                2
+            );
+            assert_eq!(v["data"]["attributes"]["profiles"]["data"][1]["id"], "01P");
+            match list {
+                Some(id) => assert_eq!(
+                    v["data"]["relationships"],
+                    serde_json::json!({"lists": {"data": [{"type": "list", "id": id}]}})
+                ),
+                None => assert!(v["data"].get("relationships").is_none()),
+            }
+            assert!(
+                env.len()
+                    <= crate::config::ENVELOPE_OVERHEAD + list.map_or(0, |l| l.len() as u64 + 64)
+            );
+        }
+        let one = Envelope::new(None);
+        assert_eq!(one.body::<&str>(&[]).len() as u64, one.body_len(0, 0));
+    }
+
+    #[test]
+    fn subsets_and_halves_rebuild_exact_bodies() {
+        let env = Envelope::new(Some("L1"));
+        let mut b = ChunkBuilder::new(&env);
+        for i in 0..5 {
+            let line = format!(r#"{{"type":"profile","attributes":{{"email":"u{i}@x.io"}}}}"#);
+            assert_eq!(b.len_with(line.len(), &env), {
+                let mut probe = ChunkBuilder::new(&env);
+                for j in 0..i {
+                    let l = format!(r#"{{"type":"profile","attributes":{{"email":"u{j}@x.io"}}}}"#);
+                    probe.push(j, l.as_bytes(), ProfileKeys::default());
+                }
+                probe.push(i, line.as_bytes(), ProfileKeys::default());
+                probe.finish(&env).body.len() as u64
+            });
+            b.push(
+                i,
+                line.as_bytes(),
+                ProfileKeys::new(i, None, Some(&format!("u{i}@x.io")), None, None),
+            );
+        }
+        let chunk = b.finish(&env);
+        let emails = |c: &Chunk| -> Vec<String> {
+            let v: Value = serde_json::from_slice(&c.body).unwrap();
+            v["data"]["attributes"]["profiles"]["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["attributes"]["email"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let odd = chunk.subset(&env, |i| i % 2 == 1);
+        assert_eq!(emails(&odd), vec!["u1@x.io", "u3@x.io"]);
+        assert_eq!(odd.jobs, vec![1, 3]);
+        assert_eq!(odd.keys[1].email.as_deref(), Some("u3@x.io"));
+        let (l, r) = chunk.split(&env);
+        assert_eq!(
+            (emails(&l), emails(&r).len()),
+            (vec!["u0@x.io".to_string(), "u1@x.io".into()], 3)
+        );
+        assert_eq!(r.jobs, vec![2, 3, 4]);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["data"]["relationships"]["lists"]["data"][0]["id"], "L1");
+    }
+
+    #[test]
+    fn only_fully_attributable_errors_strip_profiles() {
+        let answer = |body: &str| Answer {
+            status: 400,
+            body: Bytes::from(body.to_string()),
+            retry_after: None,
+        };
+        let a = answer(
+            r#"{"errors":[
+                {"code":"invalid","detail":"bad email","source":{"pointer":"/data/attributes/profiles/data/1/attributes/email"}},
+                {"code":"invalid","detail":"bad phone","source":{"pointer":"/data/attributes/profiles/data/1/attributes/phone_number"}},
+                {"code":"invalid","detail":"bad id","source":{"pointer":"/data/attributes/profiles/data/3"}}]}"#,
+        );
+        let bad = attributable(&a, 4).unwrap();
+        assert_eq!(bad.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(bad[&1], vec!["bad email (invalid)", "bad phone (invalid)"]);
+        assert!(
+            attributable(&a, 3).is_none(),
+            "index 3 is outside a 3-profile request"
+        );
+        let mixed = answer(
+            r#"{"errors":[
+                {"detail":"bad email","source":{"pointer":"/data/attributes/profiles/data/0/attributes/email"}},
+                {"detail":"list not found","source":{"pointer":"/data/relationships/lists/data/0/id"}}]}"#,
+        );
+        assert!(attributable(&mixed, 4).is_none());
+        assert!(attributable(&answer("not json"), 4).is_none());
+    }
+}

@@ -1,0 +1,61 @@
+//! The factory entry points: `build` validates everything and does no I/O.
+
+use std::sync::Arc;
+
+use batchrouter_core::{DestinationContext, NoopTelemetry};
+use batchrouter_dest_klaviyo::{build, CONFIG_KEYS, DESTINATION_TYPE};
+use serde_json::json;
+
+fn ctx() -> DestinationContext {
+    DestinationContext {
+        id: "k1".into(),
+        destination_type: DESTINATION_TYPE.into(),
+        telemetry: Arc::new(NoopTelemetry),
+    }
+}
+
+#[test]
+fn build_lists_every_problem_of_a_bad_config() {
+    let err = build(
+        &ctx(),
+        &json!({"privateApiKey": "", "revison": "2025-01-15", "baseUrl": "not a url", "maxProfilesPerRequest": 0}),
+    )
+    .err()
+    .expect("refused");
+    let all = err.0.join("\n");
+    assert_eq!(err.0.len(), 4, "{all}");
+    assert!(
+        all.contains("unknown key `revison` (did you mean `revision`?)"),
+        "{all}"
+    );
+    assert!(all.contains("`privateApiKey` is empty"), "{all}");
+    assert!(
+        all.contains("`baseUrl` \"not a url\" is not a URL"),
+        "{all}"
+    );
+    assert!(all.contains("`maxProfilesPerRequest` = 0"), "{all}");
+}
+
+#[test]
+fn build_needs_no_network_and_every_documented_key_is_accepted() {
+    // An unroutable base URL is fine: nothing connects until the first upload.
+    let config = json!({
+        "privateApiKey": "pk_x", "listId": "L1", "baseUrl": "https://klaviyo.invalid",
+        "revision": "2025-01-15", "maxProfileBytes": "100KB", "maxProfilesPerRequest": 10000,
+        "maxRequestBytes": "4.5MB", "rateLimitPerSecond": 10, "rateLimitPerMinute": 150,
+        "connectTimeout": "10s", "requestTimeout": "1m"
+    });
+    let keys: Vec<&str> = config
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut documented = CONFIG_KEYS.to_vec();
+    documented.sort();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(sorted, documented);
+    let m = build(&ctx(), &config).expect("valid");
+    assert_eq!(m.limits(), batchrouter_core::ManagerLimits::default());
+}

@@ -1,0 +1,477 @@
+//! HTTP calls to Marketo: token, create import, batch status, result files.
+//! Every request has bounded timeouts, is counted in telemetry once, sends
+//! the token only as `Authorization: Bearer`, and never lets a URL (the
+//! token request carries the client secret in its query) into an error.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use batchrouter_core::classify::{error_for_status, excerpt, parse_retry_after};
+use batchrouter_core::{DestinationError, DestinationTelemetry, Secret};
+use reqwest::multipart::{Form, Part};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+use crate::auth::{CachedToken, TokenCache};
+use crate::classify::{classify_errors, ApiError, Failure};
+use crate::config::Settings;
+
+/// Largest JSON answer read into memory (status and error answers are tiny).
+const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest result file accepted: the uploaded file (< 10 MB) plus a reason per row.
+pub const MAX_RESULT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Chunk size used to stream import files from disk.
+const UPLOAD_CHUNK: usize = 64 * 1024;
+
+/// Marketo's answer envelope (`success`, `errors`, `result`).
+#[derive(Debug, Deserialize)]
+struct Envelope<T> {
+    #[serde(default)]
+    success: bool,
+    #[serde(default)]
+    errors: Vec<ApiError>,
+    #[serde(default = "Vec::new")]
+    result: Vec<T>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+    #[serde(default)]
+    errors: Vec<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreatedImport {
+    batch_id: Option<u64>,
+    #[serde(default)]
+    import_id: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+/// A new import as Marketo acknowledged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImportCreated {
+    /// Marketo's batch id, used by every later call.
+    pub batch_id: u64,
+    /// Marketo's import id (the batch id as text in practice).
+    pub import_id: String,
+    /// Initial status (`Queued`).
+    pub status: String,
+}
+
+/// `result[0]` of `GET /bulk/v1/leads/batch/{id}.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchStatus {
+    /// `Queued`, `Importing`, `Complete` or `Failed`.
+    #[serde(default)]
+    pub status: String,
+    /// Rows processed so far.
+    #[serde(default)]
+    pub num_of_leads_processed: Option<u64>,
+    /// Rows rejected (listed in failures.json).
+    #[serde(default)]
+    pub num_of_rows_failed: Option<u64>,
+    /// Rows imported with a warning (listed in warnings.json).
+    #[serde(default)]
+    pub num_of_rows_with_warning: Option<u64>,
+    /// Marketo's text, e.g. the failure reason of a `Failed` import.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// Which per-row result file to fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResultFile {
+    /// `failures.json`: rows Marketo rejected.
+    Failures,
+    /// `warnings.json`: rows imported with a warning.
+    Warnings,
+}
+
+impl ResultFile {
+    fn path_suffix(self) -> &'static str {
+        match self {
+            ResultFile::Failures => "failures.json",
+            ResultFile::Warnings => "warnings.json",
+        }
+    }
+}
+
+/// The Marketo API client of one destination, shared by all its calls.
+pub struct Client {
+    http: reqwest::Client,
+    settings: Arc<Settings>,
+    telemetry: Arc<dyn DestinationTelemetry>,
+    token: TokenCache,
+}
+
+impl Client {
+    /// Builds the HTTP client with the configured timeouts (no I/O yet).
+    pub fn new(
+        settings: Arc<Settings>,
+        telemetry: Arc<dyn DestinationTelemetry>,
+    ) -> Result<Client, String> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .timeout(settings.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("batchrouter/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
+        Ok(Client {
+            http,
+            settings,
+            telemetry,
+            token: TokenCache::default(),
+        })
+    }
+
+    /// POSTs one CSV file as a new import, streaming it from disk.
+    pub async fn create_import(
+        &self,
+        path: &Path,
+        bytes: u64,
+    ) -> Result<ImportCreated, DestinationError> {
+        let url = self.settings.endpoint("/bulk/v1/leads.json");
+        self.authorized(|token| {
+            let url = url.clone();
+            async move {
+                let file = tokio::fs::File::open(path).await.map_err(|e| {
+                    DestinationError::retryable(format!("cannot reopen the import file: {e}"))
+                })?;
+                let body =
+                    reqwest::Body::wrap_stream(ReaderStream::with_capacity(file, UPLOAD_CHUNK));
+                let part = Part::stream_with_length(body, bytes)
+                    .file_name("leads.csv")
+                    .mime_str("text/csv")
+                    .map_err(|e| {
+                        DestinationError::retryable(format!(
+                            "cannot build the upload: {}",
+                            e.without_url()
+                        ))
+                    })?;
+                let mut form = Form::new()
+                    .text("format", "csv")
+                    .text("lookupField", self.settings.lookup_field.clone());
+                if let Some(list) = &self.settings.list_id {
+                    form = form.text("listId", list.clone());
+                }
+                if let Some(p) = &self.settings.partition_name {
+                    form = form.text("partitionName", p.clone());
+                }
+                let form = form.part("file", part);
+                let resp = self
+                    .send(
+                        self.http
+                            .post(url)
+                            .bearer_auth(token.expose())
+                            .multipart(form),
+                    )
+                    .await?;
+                let result: Vec<CreatedImport> = read_envelope(resp, "create import").await?;
+                let first = result.into_iter().next();
+                match first.and_then(|r| r.batch_id.map(|id| (id, r))) {
+                    Some((batch_id, r)) => Ok(ImportCreated {
+                        batch_id,
+                        import_id: r.import_id.unwrap_or_else(|| batch_id.to_string()),
+                        status: r.status.unwrap_or_default(),
+                    }),
+                    None => Err(DestinationError::retryable(
+                        "Marketo accepted the import but sent no batchId",
+                    )
+                    .into()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads an import's status and counts.
+    pub async fn batch_status(&self, batch_id: u64) -> Result<BatchStatus, DestinationError> {
+        let url = self
+            .settings
+            .endpoint(&format!("/bulk/v1/leads/batch/{batch_id}.json"));
+        self.authorized(|token| {
+            let url = url.clone();
+            async move {
+                let resp = self
+                    .send(self.http.get(url).bearer_auth(token.expose()))
+                    .await?;
+                let result: Vec<BatchStatus> = read_envelope(resp, "import status").await?;
+                result.into_iter().next().ok_or_else(|| {
+                    DestinationError::retryable(format!(
+                        "Marketo sent no status for batch {batch_id}"
+                    ))
+                    .into()
+                })
+            }
+        })
+        .await
+    }
+
+    /// Streams a result file (`failures.json` / `warnings.json`) into `dest`.
+    /// Marketo answers CSV on success and its JSON error shape otherwise, so
+    /// the content type decides how the body is read.
+    pub async fn download_result(
+        &self,
+        batch_id: u64,
+        which: ResultFile,
+        dest: &Path,
+    ) -> Result<u64, DestinationError> {
+        let url = self.settings.endpoint(&format!(
+            "/bulk/v1/leads/batch/{batch_id}/{}",
+            which.path_suffix()
+        ));
+        self.authorized(|token| {
+            let url = url.clone();
+            async move {
+                let mut resp = self
+                    .send(self.http.get(url).bearer_auth(token.expose()))
+                    .await?;
+                let content_type = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if !resp.status().is_success() || !content_type.starts_with("text/csv") {
+                    let what = format!("{} (content type {content_type:?})", which.path_suffix());
+                    let err: Result<Vec<serde_json::Value>, Failure> =
+                        read_envelope(resp, &what).await;
+                    return Err(match err {
+                        Err(f) => f,
+                        Ok(_) => DestinationError::retryable(format!(
+                            "Marketo answered {what} instead of a CSV file"
+                        ))
+                        .into(),
+                    });
+                }
+                let mut out = tokio::fs::File::create(dest).await.map_err(|e| {
+                    DestinationError::retryable(format!("cannot write the result file: {e}"))
+                })?;
+                let mut total = 0u64;
+                while let Some(chunk) = resp
+                    .chunk()
+                    .await
+                    .map_err(|e| transport_error(e, "reading a result file"))?
+                {
+                    total += chunk.len() as u64;
+                    if total > MAX_RESULT_BYTES {
+                        return Err(DestinationError::retryable(format!(
+                            "{} is larger than {MAX_RESULT_BYTES} bytes",
+                            which.path_suffix()
+                        ))
+                        .into());
+                    }
+                    out.write_all(&chunk).await.map_err(|e| {
+                        DestinationError::retryable(format!("cannot write the result file: {e}"))
+                    })?;
+                }
+                out.flush().await.map_err(|e| {
+                    DestinationError::retryable(format!("cannot write the result file: {e}"))
+                })?;
+                Ok(total)
+            }
+        })
+        .await
+    }
+
+    /// Runs `op` with a token; on 601/602 drops the token, fetches a new one
+    /// and repeats once. A second token rejection is a transient failure.
+    async fn authorized<'a, T, F, Fut>(&'a self, op: F) -> Result<T, DestinationError>
+    where
+        F: Fn(Secret) -> Fut,
+        Fut: Future<Output = Result<T, Failure>> + 'a,
+    {
+        let mut refreshed = false;
+        loop {
+            let token = self.token().await?;
+            match op(token.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(Failure::Destination(e)) => return Err(e),
+                Err(Failure::Token(reason)) if !refreshed => {
+                    tracing::debug!(reason = %reason, "Marketo rejected the access token; refreshing it once");
+                    self.token.invalidate(&token).await;
+                    refreshed = true;
+                }
+                Err(Failure::Token(reason)) => {
+                    return Err(DestinationError::retryable(format!(
+                        "{reason} (again with a freshly issued access token)"
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn token(&self) -> Result<Secret, DestinationError> {
+        self.token.get(|| self.fetch_token()).await
+    }
+
+    async fn fetch_token(&self) -> Result<CachedToken, DestinationError> {
+        let url = self.settings.endpoint("/identity/oauth/token");
+        let request = self.http.get(url).query(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", self.settings.client_id.as_str()),
+            ("client_secret", self.settings.client_secret.expose()),
+        ]);
+        let started = Instant::now();
+        let resp = self.send(request).await?;
+        let status = resp.status();
+        let retry_after = retry_after(&resp);
+        let body = read_limited(resp, "token").await?;
+        let answer: Option<TokenAnswer> = serde_json::from_slice(&body).ok();
+        if !status.is_success() {
+            let detail = answer
+                .as_ref()
+                .map(|a| {
+                    let parts: Vec<&str> = [a.error.as_deref(), a.error_description.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    excerpt(&parts.join(": "), 200)
+                })
+                .unwrap_or_default();
+            if matches!(
+                status,
+                StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN
+            ) {
+                return Err(DestinationError::permanent(format!(
+                    "Marketo refused the client credentials of clientId `{}` (HTTP {}{}{detail})",
+                    self.settings.client_id,
+                    status.as_u16(),
+                    if detail.is_empty() { "" } else { ": " }
+                )));
+            }
+            let e = error_for_status(status.as_u16(), &detail, retry_after).unwrap_or_else(|| {
+                DestinationError::retryable(format!("token request: HTTP {status}"))
+            });
+            return Err(e);
+        }
+        let Some(answer) = answer else {
+            return Err(DestinationError::retryable(
+                "Marketo sent a malformed token answer",
+            ));
+        };
+        match (
+            answer.access_token.filter(|t| !t.is_empty()),
+            answer.errors.is_empty(),
+        ) {
+            (Some(token), _) => {
+                let expires_in = Duration::from_secs(answer.expires_in.unwrap_or(0));
+                tracing::debug!(
+                    expires_in_s = expires_in.as_secs(),
+                    "fetched a Marketo access token"
+                );
+                Ok(CachedToken::new(Secret::new(token), expires_in, started))
+            }
+            (None, false) => match classify_errors(&answer.errors, retry_after) {
+                Failure::Destination(e) => Err(e),
+                Failure::Token(reason) => Err(DestinationError::retryable(reason)),
+            },
+            (None, true) => Err(DestinationError::retryable(
+                "Marketo sent a token answer without access_token",
+            )),
+        }
+    }
+
+    /// Sends one request, counting it once in telemetry; errors carry no URL.
+    async fn send(&self, request: RequestBuilder) -> Result<Response, DestinationError> {
+        match request.send().await {
+            Ok(resp) => {
+                self.telemetry.request(resp.status().as_str());
+                Ok(resp)
+            }
+            Err(e) => {
+                self.telemetry
+                    .request(if e.is_timeout() { "timeout" } else { "error" });
+                Err(transport_error(e, "sending a request"))
+            }
+        }
+    }
+}
+
+fn retry_after(resp: &Response) -> Option<Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+}
+
+/// A transport error as a retryable destination error, without the URL.
+fn transport_error(e: reqwest::Error, doing: &str) -> DestinationError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "transport error"
+    };
+    let mut text = format!("Marketo {kind} while {doing}");
+    let e = e.without_url();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    DestinationError::retryable(text)
+}
+
+async fn read_limited(resp: Response, what: &str) -> Result<Vec<u8>, DestinationError> {
+    let mut resp = resp;
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| transport_error(e, &format!("reading the {what} answer")))?
+    {
+        if body.len() + chunk.len() > MAX_JSON_BYTES {
+            return Err(DestinationError::retryable(format!(
+                "Marketo's {what} answer is larger than {MAX_JSON_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Reads Marketo's envelope: HTTP status first, then `success`/`errors`.
+async fn read_envelope<T: DeserializeOwned>(resp: Response, what: &str) -> Result<Vec<T>, Failure> {
+    let status = resp.status();
+    let hint = retry_after(&resp);
+    let body = read_limited(resp, what).await?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body);
+        return Err(error_for_status(status.as_u16(), &text, hint)
+            .unwrap_or_else(|| DestinationError::retryable(format!("{what}: HTTP {status}")))
+            .into());
+    }
+    let envelope: Envelope<T> = serde_json::from_slice(&body).map_err(|e| {
+        DestinationError::retryable(format!(
+            "Marketo sent a malformed {what} answer ({e}): {}",
+            excerpt(&String::from_utf8_lossy(&body), 120)
+        ))
+    })?;
+    if envelope.success && envelope.errors.is_empty() {
+        return Ok(envelope.result);
+    }
+    Err(classify_errors(&envelope.errors, hint))
+}
