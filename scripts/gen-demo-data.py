@@ -14,6 +14,8 @@ starts reject some records on purpose, so the summary shows every outcome:
       request is retried without them), emails at suppressed.example fail
       inside the import (import-errors), profiles without an identifier are
       aborted (transform_failed).
+  sftp-drop (only when OpenSSH's sshd is installed): CSV files on a real
+      server; records whose `action` is not a string are aborted.
 Some lines repeat a messageId: the API answers them as duplicates.
 """
 import json, os, random
@@ -81,6 +83,17 @@ for i in range(800):
     lines.append({"destinationId": "klaviyo-profiles", "messageId": f"kl-{i}", "payload": p})
 write("klaviyo.ndjson", lines)
 expected["klaviyo-profiles"] = {"succeeded": 800 - invalid - suppressed - noid, "aborted": invalid + suppressed + noid}
+
+# sftp-drop: 400 record events (CSV files on a real OpenSSH server), 4 with
+# an `action` that is not a string (aborted, transform_failed)
+lines = []
+for i in range(400):
+    action = 7 if i % 100 == 42 else random.choice(["insert", "update"])
+    lines.append({"destinationId": "sftp-drop", "payload": {"type": "record", "action": action,
+                  "fields": {"id": f"rec-{i}", "name": random.choice(first), "balance": i * 10.5,
+                             "active": i % 4 != 0}}})
+write("sftp.ndjson", lines)
+expected["sftp-drop"] = {"succeeded": 396, "aborted": 4}
 
 with open(os.path.join(here, "expected.json"), "w") as f:
     json.dump(expected, f, indent=2, sort_keys=True)

@@ -75,7 +75,11 @@ pub fn substitute(value: &mut Value, env: &dyn Env, path: &str, problems: &mut V
         }
         Value::Object(map) => {
             for (k, v) in map.iter_mut() {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 substitute(v, env, &p, problems);
             }
         }
@@ -128,14 +132,21 @@ mod tests {
 
     #[test]
     fn expands_escapes_and_reports_every_missing_variable() {
-        let env = MapEnv::new([("A".to_string(), "1".to_string()), ("B".to_string(), "two".to_string())]);
-        let mut v = json!({"x": "${A}-${B}", "y": ["$${A}", "cost $5"], "z": {"w": "${NOPE} ${NADA}"}});
+        let env = MapEnv::new([
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "two".to_string()),
+        ]);
+        let mut v =
+            json!({"x": "${A}-${B}", "y": ["$${A}", "cost $5"], "z": {"w": "${NOPE} ${NADA}"}});
         let mut problems = Vec::new();
         substitute(&mut v, &env, "", &mut problems);
         assert_eq!(v["x"], "1-two");
         assert_eq!(v["y"][0], "${A}");
         assert_eq!(v["y"][1], "cost $5");
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("z.w: environment variable `NOPE` is not set"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("z.w: environment variable `NOPE` is not set"),
+            "{problems:?}"
+        );
     }
 }

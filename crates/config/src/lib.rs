@@ -123,7 +123,14 @@ impl std::fmt::Debug for LoadedConfig {
             .field("path", &self.path)
             .field("server", &self.server)
             .field("store", &self.store.redacted_url())
-            .field("destinations", &self.destinations.iter().map(|d| (&d.id, &d.kind)).collect::<Vec<_>>())
+            .field(
+                "destinations",
+                &self
+                    .destinations
+                    .iter()
+                    .map(|d| (&d.id, &d.kind))
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -143,7 +150,12 @@ const DESTINATION_KEYS: &[&str] = &["id", "type", "enabled", "config", "router"]
 
 /// File formats, chosen by extension.
 fn format_for(path: &Path) -> Result<config::FileFormat, String> {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("toml") => Ok(config::FileFormat::Toml),
         Some("yaml") | Some("yml") => Ok(config::FileFormat::Yaml),
         Some("json") => Ok(config::FileFormat::Json),
@@ -166,7 +178,11 @@ pub fn load(path: &Path, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigErrors
 }
 
 /// Loads and validates config text in a given format.
-pub fn load_str(text: &str, format: config::FileFormat, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigErrors> {
+pub fn load_str(
+    text: &str,
+    format: config::FileFormat,
+    env: Arc<dyn Env>,
+) -> Result<LoadedConfig, ConfigErrors> {
     let raw: Value = config::Config::builder()
         .add_source(config::File::from_str(text, format))
         .build()
@@ -175,7 +191,11 @@ pub fn load_str(text: &str, format: config::FileFormat, env: Arc<dyn Env>) -> Re
     from_value(raw, env)
 }
 
-fn table<'a>(root: &'a Map<String, Value>, key: &str, problems: &mut Vec<String>) -> Option<&'a Map<String, Value>> {
+fn table<'a>(
+    root: &'a Map<String, Value>,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<&'a Map<String, Value>> {
     match root.get(key) {
         None => None,
         Some(Value::Object(m)) => Some(m),
@@ -208,7 +228,12 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
-fn string_field(map: &Map<String, Value>, section: &str, key: &str, problems: &mut Vec<String>) -> Option<String> {
+fn string_field(
+    map: &Map<String, Value>,
+    section: &str,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
     match map.get(key) {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -226,16 +251,23 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
     let root = match &raw {
         Value::Object(m) => m,
         Value::Null => &empty,
-        _ => return Err(ConfigErrors(vec!["the config must be a table at the top level".into()])),
+        _ => {
+            return Err(ConfigErrors(vec![
+                "the config must be a table at the top level".into(),
+            ]))
+        }
     };
     check_keys("top level", root, TOP_KEYS, &mut problems);
 
     // [server]
     let server_t = table(root, "server", &mut problems).unwrap_or(&empty);
     check_keys("[server]", server_t, SERVER_KEYS, &mut problems);
-    let listen = string_field(server_t, "server", "listen", &mut problems).unwrap_or_else(|| "127.0.0.1:8080".into());
+    let listen = string_field(server_t, "server", "listen", &mut problems)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
     let listen = listen.parse::<SocketAddr>().unwrap_or_else(|e| {
-        problems.push(format!("server.listen `{listen}` is not an address like 127.0.0.1:8080: {e}"));
+        problems.push(format!(
+            "server.listen `{listen}` is not an address like 127.0.0.1:8080: {e}"
+        ));
         SocketAddr::from(([127, 0, 0, 1], 8080))
     });
     let auth_token = string_field(server_t, "server", "authToken", &mut problems)
@@ -256,7 +288,8 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
     // [store]
     let store_t = table(root, "store", &mut problems).unwrap_or(&empty);
     check_keys("[store]", store_t, STORE_KEYS, &mut problems);
-    let url = string_field(store_t, "store", "url", &mut problems).unwrap_or_else(|| "sqlite://./data/batchrouter.db".into());
+    let url = string_field(store_t, "store", "url", &mut problems)
+        .unwrap_or_else(|| "sqlite://./data/batchrouter.db".into());
     if let Err(e) = batchrouter_store::StoreUrl::parse(&url) {
         problems.push(format!("store.url: {e}"));
     }
@@ -275,7 +308,8 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
             LogFormat::Text
         }
     };
-    let level = string_field(logging_t, "logging", "level", &mut problems).unwrap_or_else(|| "info".into());
+    let level =
+        string_field(logging_t, "logging", "level", &mut problems).unwrap_or_else(|| "info".into());
 
     // [BatchRouter]
     let known_types = factory::known_types();
@@ -293,7 +327,14 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         None => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                if let Some(d) = destination(i, item, &known_types, &key_names, source.as_ref(), &mut problems) {
+                if let Some(d) = destination(
+                    i,
+                    item,
+                    &known_types,
+                    &key_names,
+                    source.as_ref(),
+                    &mut problems,
+                ) {
                     if !ids.insert(d.id.clone()) {
                         problems.push(format!("destinations: id `{}` is used twice", d.id));
                     }
@@ -304,10 +345,11 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         Some(_) => problems.push("destinations must be a list of [[destinations]] tables".into()),
     }
     let no_overrides = BTreeMap::new();
-    let global = RouterSettings::resolve(&KeyLookup::new(source.as_ref(), "", &no_overrides)).unwrap_or_else(|e| {
-        problems.extend(e.0.into_iter().map(|p| format!("[BatchRouter]: {p}")));
-        RouterSettings::default()
-    });
+    let global = RouterSettings::resolve(&KeyLookup::new(source.as_ref(), "", &no_overrides))
+        .unwrap_or_else(|e| {
+            problems.extend(e.0.into_iter().map(|p| format!("[BatchRouter]: {p}")));
+            RouterSettings::default()
+        });
     if !problems.is_empty() {
         // The same problem may surface once per destination; say it once.
         let mut seen = BTreeSet::new();
@@ -350,7 +392,14 @@ fn flatten_router(
                     continue;
                 }
                 for (k2, v2) in per_type {
-                    router_key(&format!("BatchRouter.{k}"), k2, v2, key_names, out, problems);
+                    router_key(
+                        &format!("BatchRouter.{k}"),
+                        k2,
+                        v2,
+                        key_names,
+                        out,
+                        problems,
+                    );
                 }
             }
             _ => router_key("BatchRouter", k, v, key_names, out, problems),
@@ -416,11 +465,17 @@ fn destination(
             let hint = did_you_mean(t, known_types)
                 .map(|s| format!("did you mean `{s}`? "))
                 .unwrap_or_default();
-            problems.push(format!("{label}: unknown type `{t}` ({hint}known types: {})", known_types.join(", ")));
+            problems.push(format!(
+                "{label}: unknown type `{t}` ({hint}known types: {})",
+                known_types.join(", ")
+            ));
             return None;
         }
         None => {
-            problems.push(format!("{label}: `type` is required (one of {})", known_types.join(", ")));
+            problems.push(format!(
+                "{label}: `type` is required (one of {})",
+                known_types.join(", ")
+            ));
             return None;
         }
     };
@@ -432,14 +487,24 @@ fn destination(
             true
         }
     };
-    let config = map.get("config").cloned().unwrap_or(Value::Object(Map::new()));
+    let config = map
+        .get("config")
+        .cloned()
+        .unwrap_or(Value::Object(Map::new()));
     let mut router = BTreeMap::new();
     match map.get("router") {
         None => {}
         Some(Value::Object(r)) => {
             for (k, v) in r {
                 let mut one = BTreeMap::new();
-                router_key(&format!("{label} router"), k, v, key_names, &mut one, problems);
+                router_key(
+                    &format!("{label} router"),
+                    k,
+                    v,
+                    key_names,
+                    &mut one,
+                    problems,
+                );
                 if let Some(val) = one.into_values().next() {
                     router.insert(k.clone(), val);
                 }
@@ -461,7 +526,9 @@ fn destination(
     };
     if let Err(e) = factory::build_manager(&ctx, &config) {
         match e {
-            factory::FactoryError::Config(p) => problems.extend(p.0.into_iter().map(|p| format!("{label} config: {p}"))),
+            factory::FactoryError::Config(p) => {
+                problems.extend(p.0.into_iter().map(|p| format!("{label} config: {p}")))
+            }
             other => problems.push(format!("{label}: {other}")),
         }
     }
@@ -477,5 +544,8 @@ fn destination(
 
 /// Destination ids appear in paths, metrics and URLs: keep them simple.
 fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }

@@ -22,7 +22,9 @@ pub fn redact(value: &Value) -> Value {
                         // Header values usually carry credentials.
                         match v {
                             Value::Object(h) => Value::Object(
-                                h.keys().map(|hk| (hk.clone(), Value::String(REDACTED.into()))).collect(),
+                                h.keys()
+                                    .map(|hk| (hk.clone(), Value::String(REDACTED.into())))
+                                    .collect(),
                             ),
                             other => redact(other),
                         }
@@ -53,7 +55,11 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
     let _ = writeln!(
         out,
         "authToken = {}",
-        if cfg.server.auth_token.is_some() { format!("\"{REDACTED}\"") } else { "\"\"  # not set: /v1 is open".into() }
+        if cfg.server.auth_token.is_some() {
+            format!("\"{REDACTED}\"")
+        } else {
+            "\"\"  # not set: /v1 is open".into()
+        }
     );
     let _ = writeln!(out, "maxBodyBytes = {}", cfg.server.max_body_bytes);
     let _ = writeln!(out, "\n[store]");
@@ -74,7 +80,10 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
     let _ = writeln!(out, "[BatchRouter]");
     let global = KeyLookup::new(cfg.source.as_ref(), "", &none);
     for (key, value) in cfg.global.describe() {
-        let origin = global.raw(key).map(|(_, o)| o).unwrap_or_else(|| "default".into());
+        let origin = global
+            .raw(key)
+            .map(|(_, o)| o)
+            .unwrap_or_else(|| "default".into());
         let _ = writeln!(out, "{key} = \"{value}\"  # {origin}");
     }
     for d in &cfg.destinations {
@@ -92,7 +101,10 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
         let _ = writeln!(out, "[destinations.router]");
         let lookup = KeyLookup::new(cfg.source.as_ref(), &d.kind, &d.router);
         for (key, value) in d.settings.describe() {
-            let origin = lookup.raw(key).map(|(_, o)| o).unwrap_or_else(|| "default".into());
+            let origin = lookup
+                .raw(key)
+                .map(|(_, o)| o)
+                .unwrap_or_else(|| "default".into());
             let _ = writeln!(out, "{key} = \"{value}\"  # {origin}");
         }
     }

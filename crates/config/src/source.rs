@@ -30,6 +30,8 @@ impl ConfigSource for FileAndEnv {
         if let Some(v) = self.env.var(&name) {
             return Some((v, format!("environment variable {name}")));
         }
-        self.file.get(key).map(|v| (v.clone(), format!("config file {key}")))
+        self.file
+            .get(key)
+            .map(|v| (v.clone(), format!("config file {key}")))
     }
 }

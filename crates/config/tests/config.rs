@@ -8,7 +8,9 @@ use batchrouter_config::{load, load_str, render_effective, Env, LogFormat, MapEn
 use config::FileFormat;
 
 fn env(vars: &[(&str, &str)]) -> Arc<dyn Env> {
-    Arc::new(MapEnv::new(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))))
+    Arc::new(MapEnv::new(
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    ))
 }
 
 const BASE: &str = r#"
@@ -51,18 +53,46 @@ fn router_keys_follow_the_documented_precedence() {
     // env (dotted name) beats the file
     assert_eq!(retries(&[("BatchRouter.HTTP.maxRetries", "5")], "web"), 5);
     // env (RudderStack name) beats the file too
-    assert_eq!(retries(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "6")], "web"), 6);
+    assert_eq!(
+        retries(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "6")], "web"),
+        6
+    );
     // a global env value does not beat the file's per-type value...
-    assert_eq!(retries(&[("RSERVER_BATCH_ROUTER_MAX_RETRIES", "7")], "web"), 2);
+    assert_eq!(
+        retries(&[("RSERVER_BATCH_ROUTER_MAX_RETRIES", "7")], "web"),
+        2
+    );
     // ...but beats the file's global value
-    let c = load_str(BASE, FileFormat::Toml, env(&[("RSERVER_BATCH_ROUTER_UPLOAD_FREQ", "45")])).unwrap();
-    assert_eq!(c.destination("web").unwrap().settings.upload_freq, Duration::from_secs(45));
-    assert_eq!(c.destination("web").unwrap().settings.upload_freq, c.global.upload_freq);
+    let c = load_str(
+        BASE,
+        FileFormat::Toml,
+        env(&[("RSERVER_BATCH_ROUTER_UPLOAD_FREQ", "45")]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.destination("web").unwrap().settings.upload_freq,
+        Duration::from_secs(45)
+    );
+    assert_eq!(
+        c.destination("web").unwrap().settings.upload_freq,
+        c.global.upload_freq
+    );
     // and the built-in default is last
-    assert_eq!(c.destination("web").unwrap().settings.max_events_in_batch, 10_000);
+    assert_eq!(
+        c.destination("web").unwrap().settings.max_events_in_batch,
+        10_000
+    );
     // RudderStack's ABATCH spelling reaches maxEventsInABatch
-    let c = load_str(BASE, FileFormat::Toml, env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_EVENTS_IN_ABATCH", "77")])).unwrap();
-    assert_eq!(c.destination("web").unwrap().settings.max_events_in_batch, 77);
+    let c = load_str(
+        BASE,
+        FileFormat::Toml,
+        env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_EVENTS_IN_ABATCH", "77")]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.destination("web").unwrap().settings.max_events_in_batch,
+        77
+    );
 }
 
 #[test]
@@ -77,7 +107,12 @@ type = "HTTP"
 url = "${BR_URL}"
 headers = { Authorization = "Bearer ${BR_SECRET}" }
 "#;
-    let err = load_str(text, FileFormat::Toml, env(&[("BR_URL", "http://127.0.0.1:1/x")])).unwrap_err();
+    let err = load_str(
+        text,
+        FileFormat::Toml,
+        env(&[("BR_URL", "http://127.0.0.1:1/x")]),
+    )
+    .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("`BR_TOKEN` is not set"), "{msg}");
     assert!(msg.contains("`BR_SECRET` is not set"), "{msg}");
@@ -85,7 +120,11 @@ headers = { Authorization = "Bearer ${BR_SECRET}" }
     let ok = load_str(
         text,
         FileFormat::Toml,
-        env(&[("BR_URL", "http://127.0.0.1:1/x"), ("BR_TOKEN", "t"), ("BR_SECRET", "s")]),
+        env(&[
+            ("BR_URL", "http://127.0.0.1:1/x"),
+            ("BR_TOKEN", "t"),
+            ("BR_SECRET", "s"),
+        ]),
     )
     .unwrap();
     assert_eq!(ok.server.auth_token.unwrap().expose(), "t");
@@ -135,10 +174,23 @@ url = "http://127.0.0.1:1/x"
 
 #[test]
 fn bad_values_are_reported_with_their_origin() {
-    let err = load_str(BASE, FileFormat::Toml, env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "lots")])).unwrap_err();
+    let err = load_str(
+        BASE,
+        FileFormat::Toml,
+        env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "lots")]),
+    )
+    .unwrap_err();
     let all = err.0.join("\n");
-    assert!(all.contains("environment variable RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES"), "{all}");
-    let err = load_str("[server]\nlisten = \"localhost\"\nmaxBodyBytes = \"big\"\n", FileFormat::Toml, env(&[])).unwrap_err();
+    assert!(
+        all.contains("environment variable RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES"),
+        "{all}"
+    );
+    let err = load_str(
+        "[server]\nlisten = \"localhost\"\nmaxBodyBytes = \"big\"\n",
+        FileFormat::Toml,
+        env(&[]),
+    )
+    .unwrap_err();
     assert_eq!(err.0.len(), 2, "{err}");
 }
 
@@ -194,4 +246,40 @@ headers = { Authorization = "Bearer SECRET-3", X-Api-Key = "SECRET-4" }
     assert!(out.contains("postgres://br:***@127.0.0.1:5432/br"), "{out}");
     assert!(out.contains("maxRetries = \"3\"  # default"), "{out}");
     assert!(!format!("{c:?}").contains("SECRET"));
+}
+
+#[test]
+fn the_example_config_documents_a_valid_configuration() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/batchrouter.example.toml"
+    );
+    let vars = [
+        ("WEBHOOK_TOKEN", "t"),
+        ("MARKETO_CLIENT_ID", "id"),
+        ("MARKETO_CLIENT_SECRET", "secret"),
+        ("KLAVIYO_API_KEY", "pk_test"),
+    ];
+    // Only the SFTP key and known_hosts files, which do not exist on this
+    // machine, may be reported.
+    match load(std::path::Path::new(path), env(&vars)) {
+        Ok(c) => assert_eq!(c.destinations.len(), 4),
+        Err(e) => {
+            for p in &e.0 {
+                assert!(
+                    p.starts_with("destination `partner-drop` config: `privateKeyPath`")
+                        || p.contains("`knownHosts`"),
+                    "{p}"
+                );
+            }
+        }
+    }
+    let text = std::fs::read_to_string(path).unwrap();
+    for key in batchrouter_router::settings::KEYS {
+        assert!(
+            text.contains(&format!("\n{} = ", key.name)),
+            "example config lacks {}",
+            key.name
+        );
+    }
 }

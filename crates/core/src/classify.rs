@@ -56,7 +56,11 @@ pub fn excerpt(body: &str, max_chars: usize) -> String {
 }
 
 /// The destination error for a non-success status, with the body excerpt.
-pub fn error_for_status(status: u16, body: &str, retry_after: Option<Duration>) -> Option<DestinationError> {
+pub fn error_for_status(
+    status: u16,
+    body: &str,
+    retry_after: Option<Duration>,
+) -> Option<DestinationError> {
     let text = if body.trim().is_empty() {
         format!("HTTP {status}")
     } else {
@@ -99,7 +103,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(90));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(90)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(90))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);

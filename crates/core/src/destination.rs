@@ -66,7 +66,9 @@ pub fn parse_destination_config<T: DeserializeOwned>(
             for key in map.keys() {
                 if !known.contains(&key.as_str()) {
                     match did_you_mean(key, known) {
-                        Some(s) => problems.push(format!("unknown key `{key}` (did you mean `{s}`?)")),
+                        Some(s) => {
+                            problems.push(format!("unknown key `{key}` (did you mean `{s}`?)"))
+                        }
                         None => problems.push(format!(
                             "unknown key `{key}` (known keys: {})",
                             known.join(", ")
@@ -76,7 +78,10 @@ pub fn parse_destination_config<T: DeserializeOwned>(
             }
         }
         serde_json::Value::Null => {}
-        other => problems.push(format!("`config` must be a table, not {}", json_kind(other))),
+        other => problems.push(format!(
+            "`config` must be a table, not {}",
+            json_kind(other)
+        )),
     }
     let value = if value.is_null() {
         serde_json::Value::Object(Default::default())
@@ -171,13 +176,18 @@ mod tests {
         assert!(err.0[0].contains("missing field `url`"), "{err:?}");
         let err = parse_destination_config::<Cfg>(&serde_json::json!("x"), KEYS).unwrap_err();
         assert!(err.0[0].contains("must be a table"), "{err:?}");
-        let ok: Cfg = parse_destination_config(&serde_json::json!({"url": "u", "maxInFlight": 2}), KEYS).unwrap();
+        let ok: Cfg =
+            parse_destination_config(&serde_json::json!({"url": "u", "maxInFlight": 2}), KEYS)
+                .unwrap();
         assert_eq!((ok.url.as_str(), ok.max_in_flight), ("u", Some(2)));
     }
 
     #[test]
     fn suggestions() {
-        assert_eq!(did_you_mean("clientSecert", &["clientId", "clientSecret"]), Some("clientSecret"));
+        assert_eq!(
+            did_you_mean("clientSecert", &["clientId", "clientSecret"]),
+            Some("clientSecret")
+        );
         assert_eq!(did_you_mean("completely", &["url"]), None);
     }
 }

@@ -91,7 +91,12 @@ impl<'a> KeyLookup<'a> {
     }
 
     /// A duration; a bare number is read in `bare_unit`.
-    pub fn duration(&self, key: &str, default: Duration, bare_unit: Duration) -> Result<Duration, LookupError> {
+    pub fn duration(
+        &self,
+        key: &str,
+        default: Duration,
+        bare_unit: Duration,
+    ) -> Result<Duration, LookupError> {
         self.parse(key, default, |v| parse_duration(v, bare_unit))
     }
 
@@ -105,7 +110,12 @@ impl<'a> KeyLookup<'a> {
         self.parse(key, default, parse_count)
     }
 
-    fn parse<T>(&self, key: &str, default: T, f: impl Fn(&str) -> Result<T, String>) -> Result<T, LookupError> {
+    fn parse<T>(
+        &self,
+        key: &str,
+        default: T,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, LookupError> {
         match self.raw(key) {
             None => Ok(default),
             Some((value, origin)) => f(value.trim()).map_err(|reason| LookupError {
@@ -152,7 +162,11 @@ pub fn parse_duration(s: &str, bare_unit: Duration) -> Result<Duration, String> 
             "m" => 60.0,
             "h" => 3600.0,
             "d" => 86400.0,
-            other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m, h, d)")),
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}` in `{s}` (use ms, s, m, h, d)"
+                ))
+            }
         };
         total += Duration::from_secs_f64(number * secs);
         rest = &after[unit_len..];
@@ -169,9 +183,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!("`{s}` is not a byte size (e.g. 32MB, 512KiB, 1048576)"));
+        return Err(format!(
+            "`{s}` is not a byte size (e.g. 32MB, 512KiB, 1048576)"
+        ));
     }
-    let number: f64 = num.parse().map_err(|_| format!("`{s}` is not a byte size"))?;
+    let number: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a byte size"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1000,
@@ -180,7 +198,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     let bytes = number * mult as f64;
     if !(0.0..=u64::MAX as f64).contains(&bytes) {
@@ -237,7 +259,10 @@ mod tests {
     #[test]
     fn env_names_follow_the_rudderstack_rule() {
         let table = [
-            ("BatchRouter.asyncUploadTimeout", "RSERVER_BATCH_ROUTER_ASYNC_UPLOAD_TIMEOUT"),
+            (
+                "BatchRouter.asyncUploadTimeout",
+                "RSERVER_BATCH_ROUTER_ASYNC_UPLOAD_TIMEOUT",
+            ),
             (
                 "BatchRouter.MARKETO_BULK_UPLOAD.maxEventsInABatch",
                 "RSERVER_BATCH_ROUTER_MARKETO_BULK_UPLOAD_MAX_EVENTS_IN_ABATCH",
@@ -246,8 +271,14 @@ mod tests {
                 "BatchRouter.RSources.maxFailedCountForJob",
                 "RSERVER_BATCH_ROUTER_RSOURCES_MAX_FAILED_COUNT_FOR_JOB",
             ),
-            ("BatchRouter.ELOQUA.MaxUploadLimit", "RSERVER_BATCH_ROUTER_ELOQUA_MAX_UPLOAD_LIMIT"),
-            ("JobsDB.batch_rt.jobMaxAge", "RSERVER_JOBS_DB_BATCH_RT_JOB_MAX_AGE"),
+            (
+                "BatchRouter.ELOQUA.MaxUploadLimit",
+                "RSERVER_BATCH_ROUTER_ELOQUA_MAX_UPLOAD_LIMIT",
+            ),
+            (
+                "JobsDB.batch_rt.jobMaxAge",
+                "RSERVER_JOBS_DB_BATCH_RT_JOB_MAX_AGE",
+            ),
             ("Router.jobRetention", "RSERVER_ROUTER_JOB_RETENTION"),
             (
                 "BatchRouter.KLAVIYO_BULK_UPLOAD.maxRetries",
@@ -255,7 +286,10 @@ mod tests {
             ),
             ("RUDDER_TMPDIR", "RUDDER_TMPDIR"),
             ("WORKSPACE_NAMESPACE", "WORKSPACE_NAMESPACE"),
-            ("BatchRouter.HTTP.uploadFreq", "RSERVER_BATCH_ROUTER_HTTP_UPLOAD_FREQ"),
+            (
+                "BatchRouter.HTTP.uploadFreq",
+                "RSERVER_BATCH_ROUTER_HTTP_UPLOAD_FREQ",
+            ),
             ("BatchRouter.maxRetries", "RSERVER_BATCH_ROUTER_MAX_RETRIES"),
         ];
         for (key, env) in table {
@@ -269,14 +303,28 @@ mod tests {
         assert_eq!(parse_duration("30s", s).unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m", s).unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h", s).unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("250ms", s).unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("1h30m", s).unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("1.5s", s).unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("7", Duration::from_secs(60)).unwrap(), Duration::from_secs(420));
+        assert_eq!(
+            parse_duration("250ms", s).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            parse_duration("1h30m", s).unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            parse_duration("1.5s", s).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            parse_duration("7", Duration::from_secs(60)).unwrap(),
+            Duration::from_secs(420)
+        );
         assert!(parse_duration("", s).is_err());
         assert!(parse_duration("5 parsecs", s).is_err());
         assert!(parse_duration("abc", s).is_err());
-        assert!(parse_duration("10x", s).unwrap_err().contains("unknown duration unit"));
+        assert!(parse_duration("10x", s)
+            .unwrap_err()
+            .contains("unknown duration unit"));
     }
 
     #[test]
@@ -313,9 +361,16 @@ mod tests {
         own.insert("uploadFreq".to_string(), "soon".to_string());
         let l = KeyLookup::new(&src, "HTTP", &own);
         let err = l
-            .duration("uploadFreq", Duration::from_secs(30), Duration::from_secs(1))
+            .duration(
+                "uploadFreq",
+                Duration::from_secs(30),
+                Duration::from_secs(1),
+            )
             .unwrap_err();
         assert_eq!(err.key, "uploadFreq");
-        assert!(err.to_string().contains("destination router table"), "{err}");
+        assert!(
+            err.to_string().contains("destination router table"),
+            "{err}"
+        );
     }
 }

@@ -28,7 +28,8 @@ pub struct StagedBatch {
     pub bytes: u64,
     /// Upload attempt number of this batch (1 for the first try).
     pub attempt: u32,
-    /// When the first line was staged; date macros in paths use it.
+    /// Creation time of the batch's earliest job: the same for every retry
+    /// of the same jobs, so date macros in remote paths stay put.
     pub created_at: Timestamp,
 }
 
@@ -132,8 +133,10 @@ pub trait AsyncDestinationManager: Send + Sync + 'static {
 
     /// Per-job results of a completed import; jobs not named succeeded. An
     /// `Err` means "try again later", never "the import failed".
-    async fn get_upload_stats(&self, import: &ImportHandle)
-        -> Result<UploadStats, DestinationError>;
+    async fn get_upload_stats(
+        &self,
+        import: &ImportHandle,
+    ) -> Result<UploadStats, DestinationError>;
 
     /// Destination limits tighter than the router's settings.
     fn limits(&self) -> ManagerLimits {
@@ -268,7 +271,12 @@ mod tests {
                 has_failures: false
             }
         );
-        assert!(m.get_upload_stats(&handle).await.unwrap().outcomes.is_empty());
+        assert!(m
+            .get_upload_stats(&handle)
+            .await
+            .unwrap()
+            .outcomes
+            .is_empty());
     }
 
     #[test]

@@ -97,7 +97,10 @@ impl UploadOutput {
     /// Every job succeeded (fire-and-forget delivery).
     pub fn all_succeeded(job_ids: &[JobId]) -> Self {
         UploadOutput {
-            outcomes: job_ids.iter().map(|&id| (id, Outcome::succeeded())).collect(),
+            outcomes: job_ids
+                .iter()
+                .map(|&id| (id, Outcome::succeeded()))
+                .collect(),
             ..Default::default()
         }
     }
@@ -143,16 +146,20 @@ pub struct OutputViolation {
 }
 
 /// Checks that `output` names every id of `batch` exactly once and nothing else.
-pub fn validate_upload_output(batch: &[JobId], output: &UploadOutput) -> Result<(), OutputViolation> {
+pub fn validate_upload_output(
+    batch: &[JobId],
+    output: &UploadOutput,
+) -> Result<(), OutputViolation> {
     let expected: HashSet<JobId> = batch.iter().copied().collect();
     let mut seen: HashSet<JobId> = HashSet::with_capacity(expected.len());
     let mut duplicated = 0;
     let mut unknown = 0;
-    let named = output
-        .outcomes
-        .iter()
-        .map(|(id, _)| *id)
-        .chain(output.imports.iter().flat_map(|i| i.job_ids.iter().copied()));
+    let named = output.outcomes.iter().map(|(id, _)| *id).chain(
+        output
+            .imports
+            .iter()
+            .flat_map(|i| i.job_ids.iter().copied()),
+    );
     for id in named {
         if !expected.contains(&id) {
             unknown += 1;

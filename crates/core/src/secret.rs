@@ -73,8 +73,8 @@ pub fn is_secret_key(key: &str) -> bool {
         "authorization",
         "cookie",
     ]
-        .iter()
-        .any(|needle| k.contains(needle))
+    .iter()
+    .any(|needle| k.contains(needle))
 }
 
 #[cfg(test)]
@@ -86,7 +86,10 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?}"), REDACTED);
         assert_eq!(format!("{s}"), REDACTED);
-        assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{REDACTED}\""));
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{REDACTED}\"")
+        );
         assert_eq!(s.expose(), "hunter2");
         let back: Secret = serde_json::from_str("\"x\"").unwrap();
         assert_eq!(back.expose(), "x");

@@ -311,8 +311,11 @@ pub type SlotId = i64;
 pub trait JobStore: Send + Sync + 'static {
     /// Inserts jobs all or nothing; a repeated `(destination_id, message_id)`
     /// answers the existing job with `duplicate = true`.
-    async fn insert_jobs(&self, jobs: Vec<NewJob>, now: Timestamp)
-        -> Result<Vec<Inserted>, StoreError>;
+    async fn insert_jobs(
+        &self,
+        jobs: Vec<NewJob>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError>;
 
     /// Claims up to `limit` due `waiting`/`failed` jobs of a destination in id
     /// order, moving them to `executing` under `owner`'s lease. One statement.

@@ -4,8 +4,9 @@
 
 /// Destination-level counters (`destination_requests_total`, unmatched results).
 pub trait DestinationTelemetry: Send + Sync {
-    /// One request to the destination finished with `status` (an HTTP code,
-    /// `timeout` or `error`).
+    /// One request to the destination finished with `status`: an HTTP code
+    /// for HTTP APIs; `ok`, `rejected` (auth or host key refused), `timeout`
+    /// or `error` for other protocols.
     fn request(&self, status: &str);
 
     /// Result rows from the destination that matched no job.

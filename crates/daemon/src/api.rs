@@ -74,7 +74,11 @@ impl ApiError {
 
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "API request failed on the store.");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", format!("the job store failed: {e}"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the job store failed: {e}"),
+        )
     }
 }
 
@@ -132,10 +136,20 @@ async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> 
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if given.is_empty() {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token").into_response();
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing bearer token",
+            )
+            .into_response();
         }
         if !constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid bearer token").into_response();
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid bearer token",
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -170,7 +184,11 @@ struct Accepted {
     duplicate: bool,
 }
 
-async fn read_body(st: &ApiState, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+async fn read_body(
+    st: &ApiState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -185,7 +203,9 @@ async fn read_body(st: &ApiState, headers: &HeaderMap, body: Body) -> Result<axu
     if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
         return Err(too_large());
     }
-    to_bytes(body, st.max_body_bytes).await.map_err(|_| too_large())
+    to_bytes(body, st.max_body_bytes)
+        .await
+        .map_err(|_| too_large())
 }
 
 fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> {
@@ -198,7 +218,8 @@ fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> 
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let text = std::str::from_utf8(body).map_err(|_| ApiError::malformed("request body is not UTF-8"))?;
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::malformed("request body is not UTF-8"))?;
     let jobs = if ct == "application/x-ndjson" || ct == "application/jsonl" {
         let mut jobs = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -212,7 +233,9 @@ fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> 
         jobs
     } else {
         serde_json::from_str::<Envelope>(text)
-            .map_err(|e| ApiError::malformed(format!("body is not a {{\"jobs\": [...]}} envelope: {e}")))?
+            .map_err(|e| {
+                ApiError::malformed(format!("body is not a {{\"jobs\": [...]}} envelope: {e}"))
+            })?
             .jobs
     };
     if jobs.is_empty() {
@@ -221,7 +244,11 @@ fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> 
     Ok(jobs)
 }
 
-async fn submit_jobs(State(st): State<ApiState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn submit_jobs(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let bytes = read_body(&st, &headers, body).await?;
     let jobs = parse_jobs(&headers, &bytes)?;
     let mut new_jobs = Vec::with_capacity(jobs.len());
@@ -230,11 +257,18 @@ async fn submit_jobs(State(st): State<ApiState>, headers: HeaderMap, body: Body)
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unknown_destination",
-                format!("job {}: destination `{}` is not configured", i + 1, j.destination_id),
+                format!(
+                    "job {}: destination `{}` is not configured",
+                    i + 1,
+                    j.destination_id
+                ),
             ));
         }
         if !j.payload.get().trim_start().starts_with('{') {
-            return Err(ApiError::malformed(format!("job {}: payload must be a JSON object", i + 1)));
+            return Err(ApiError::malformed(format!(
+                "job {}: payload must be a JSON object",
+                i + 1
+            )));
         }
         if let Some(m) = &j.message_id {
             if m.is_empty() || m.len() > MAX_MESSAGE_ID {
@@ -263,11 +297,22 @@ async fn submit_jobs(State(st): State<ApiState>, headers: HeaderMap, body: Body)
         }
     }
     for (d, n) in &fresh {
-        let kind = st.destinations.get(*d).map(|i| i.kind.as_str()).unwrap_or("");
-        st.metrics.jobs_received.with_label_values(&[kind, d]).inc_by(*n);
+        let kind = st
+            .destinations
+            .get(*d)
+            .map(|i| i.kind.as_str())
+            .unwrap_or("");
+        st.metrics
+            .jobs_received
+            .with_label_values(&[kind, d])
+            .inc_by(*n);
         st.router.wake(d);
     }
-    tracing::debug!(jobs = inserted.len(), new = fresh.values().sum::<u64>(), "Jobs accepted.");
+    tracing::debug!(
+        jobs = inserted.len(),
+        new = fresh.values().sum::<u64>(),
+        "Jobs accepted."
+    );
     let body = json!({
         "status": "accepted",
         "jobs": inserted.iter().map(|i| Accepted {
@@ -324,7 +369,10 @@ fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no {what} `{raw}`")))
 }
 
-async fn get_job(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_job(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "job")?;
     match st.store.get_job(id).await.map_err(ApiError::internal)? {
         Some(j) => Ok(Json(job_json(&j))),
@@ -356,13 +404,20 @@ fn import_json(i: &ImportRecord) -> Value {
         m.insert("nextPollAt".into(), json!(rfc3339(i.next_poll_at)));
     }
     if let Some(e) = &i.error {
-        let key = if i.state.in_flight() { "lastPollError" } else { "error" };
+        let key = if i.state.in_flight() {
+            "lastPollError"
+        } else {
+            "error"
+        };
         m.insert(key.into(), error_json(e));
     }
     v
 }
 
-async fn get_import(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_import(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "import")?;
     match st.store.get_import(id).await.map_err(ApiError::internal)? {
         Some(i) => Ok(Json(import_json(&i))),
@@ -371,7 +426,11 @@ async fn get_import(State(st): State<ApiState>, Path(id): Path<String>) -> Resul
 }
 
 async fn list_destinations(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let counts = st.store.destination_counts().await.map_err(ApiError::internal)?;
+    let counts = st
+        .store
+        .destination_counts()
+        .await
+        .map_err(ApiError::internal)?;
     let list: Vec<Value> = st
         .destinations
         .iter()
@@ -396,9 +455,17 @@ async fn list_destinations(State(st): State<ApiState>) -> Result<Json<Value>, Ap
     Ok(Json(json!({ "destinations": list })))
 }
 
-async fn retry_job(State(st): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn retry_job(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id, "job")?;
-    match st.store.retry_job(id, Timestamp::now()).await.map_err(ApiError::internal)? {
+    match st
+        .store
+        .retry_job(id, Timestamp::now())
+        .await
+        .map_err(ApiError::internal)?
+    {
         RetryResult::Retried => {
             if let Ok(Some(j)) = st.store.get_job(id).await {
                 st.router.wake(&j.destination_id);
@@ -426,10 +493,18 @@ async fn redrive(
     Query(q): Query<RedriveQuery>,
 ) -> Result<Response, ApiError> {
     if !st.destinations.contains_key(&id) {
-        return Err(ApiError::not_found(format!("destination `{id}` is not configured")));
+        return Err(ApiError::not_found(format!(
+            "destination `{id}` is not configured"
+        )));
     }
     let mut states = BTreeSet::new();
-    for s in q.state.as_deref().unwrap_or("aborted").split(',').map(str::trim) {
+    for s in q
+        .state
+        .as_deref()
+        .unwrap_or("aborted")
+        .split(',')
+        .map(str::trim)
+    {
         match s {
             "aborted" => states.insert(JobState::Aborted),
             "failed" => states.insert(JobState::Failed),
@@ -453,7 +528,10 @@ async fn redrive(
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -496,6 +574,9 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(Timestamp(1_700_000_000_123)), "2023-11-14T22:13:20.123Z");
+        assert_eq!(
+            rfc3339(Timestamp(1_700_000_000_123)),
+            "2023-11-14T22:13:20.123Z"
+        );
     }
 }

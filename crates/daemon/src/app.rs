@@ -122,7 +122,10 @@ impl App {
     pub async fn shutdown(self) -> ShutdownReport {
         tracing::info!("Shutting down: no new requests, no new claims.");
         let _ = self.stop_server.send(());
-        if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .is_err()
+        {
             tracing::warn!("HTTP server did not stop within 5s.");
         }
         self.router.shutdown().await

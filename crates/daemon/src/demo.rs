@@ -16,6 +16,7 @@ use batchrouter_core::{JobState, JobStore, NewJob, Timestamp};
 use batchrouter_testkit::http::HttpStandIn;
 use batchrouter_testkit::klaviyo::{KlaviyoStandIn, KlaviyoStandInOptions};
 use batchrouter_testkit::marketo::{MarketoOptions, MarketoStandIn};
+use batchrouter_testkit::sshd::Sshd;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -25,10 +26,26 @@ use crate::{app, logging};
 const DEMO_CONFIG: &str = include_str!("../../../config/demo.toml");
 /// Sample jobs (NDJSON for `POST /v1/jobs`), embedded for the same reason.
 const SAMPLES: &[(&str, &str)] = &[
-    ("webhook", include_str!("../../../testdata/demo/webhook.ndjson")),
-    ("warehouse", include_str!("../../../testdata/demo/warehouse.ndjson")),
-    ("marketo-leads", include_str!("../../../testdata/demo/marketo.ndjson")),
-    ("klaviyo-profiles", include_str!("../../../testdata/demo/klaviyo.ndjson")),
+    (
+        "webhook",
+        include_str!("../../../testdata/demo/webhook.ndjson"),
+    ),
+    (
+        "warehouse",
+        include_str!("../../../testdata/demo/warehouse.ndjson"),
+    ),
+    (
+        "marketo-leads",
+        include_str!("../../../testdata/demo/marketo.ndjson"),
+    ),
+    (
+        "klaviyo-profiles",
+        include_str!("../../../testdata/demo/klaviyo.ndjson"),
+    ),
+    (
+        "sftp-drop",
+        include_str!("../../../testdata/demo/sftp.ndjson"),
+    ),
 ];
 /// What each destination should end with.
 const EXPECTED: &str = include_str!("../../../testdata/demo/expected.json");
@@ -49,6 +66,8 @@ struct StandIns {
     warehouse: HttpStandIn,
     marketo: MarketoStandIn,
     klaviyo: KlaviyoStandIn,
+    /// A real OpenSSH server, when one is installed; why not otherwise.
+    sshd: Result<Sshd, String>,
 }
 
 impl StandIns {
@@ -70,11 +89,15 @@ impl StandIns {
         .await;
         klaviyo.reject_profiles_where("email", "@invalid");
         klaviyo.fail_in_import_where("email", "@suppressed.example");
+        let sshd = tokio::task::spawn_blocking(Sshd::start)
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
         StandIns {
             webhook,
             warehouse,
             marketo,
             klaviyo,
+            sshd,
         }
     }
 }
@@ -82,7 +105,9 @@ impl StandIns {
 /// Runs the demo; the exit code says whether every job ended as expected.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
-    let dir = tempfile::Builder::new().prefix("batchrouter-demo-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("batchrouter-demo-")
+        .tempdir()?;
     let standins = StandIns::start().await;
     let token = format!("demo-{:016x}", fastrand::u64(..));
     let vars = [
@@ -91,21 +116,60 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
         ("DEMO_WEBHOOK_TOKEN", token),
         ("DEMO_WAREHOUSE_URL", standins.warehouse.url()),
         ("DEMO_MARKETO_URL", standins.marketo.base_url()),
-        ("DEMO_MARKETO_CLIENT_ID", standins.marketo.client_id().to_string()),
-        ("DEMO_MARKETO_CLIENT_SECRET", standins.marketo.client_secret().to_string()),
+        (
+            "DEMO_MARKETO_CLIENT_ID",
+            standins.marketo.client_id().to_string(),
+        ),
+        (
+            "DEMO_MARKETO_CLIENT_SECRET",
+            standins.marketo.client_secret().to_string(),
+        ),
         ("DEMO_KLAVIYO_URL", standins.klaviyo.base_url()),
         ("DEMO_KLAVIYO_KEY", standins.klaviyo.api_key().to_string()),
     ];
-    let env = MapEnv::over(vars.map(|(k, v)| (k.to_string(), v)), Arc::new(OsEnv));
-    let cfg = load_str(DEMO_CONFIG, FileFormat::Toml, Arc::new(env)).context("the demo config is invalid")?;
+    let mut vars: Vec<(String, String)> =
+        vars.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let config_text = match &standins.sshd {
+        Ok(sshd) => {
+            vars.extend([
+                ("DEMO_SFTP_PORT".to_string(), sshd.port().to_string()),
+                ("DEMO_SFTP_USER".to_string(), sshd.user().to_string()),
+                (
+                    "DEMO_SFTP_KEY".to_string(),
+                    sshd.client_key_path().display().to_string(),
+                ),
+                (
+                    "DEMO_SFTP_FINGERPRINT".to_string(),
+                    sshd.host_key_fingerprint().to_string(),
+                ),
+                (
+                    "DEMO_SFTP_ROOT".to_string(),
+                    sshd.upload_root().display().to_string(),
+                ),
+            ]);
+            DEMO_CONFIG.to_string()
+        }
+        Err(_) => without_block(DEMO_CONFIG, "sftp"),
+    };
+    let env = MapEnv::over(vars, Arc::new(OsEnv));
+    let cfg = load_str(&config_text, FileFormat::Toml, Arc::new(env))
+        .context("the demo config is invalid")?;
+    let configured: Vec<String> = cfg.destinations.iter().map(|d| d.id.clone()).collect();
     logging::init(&cfg.logging);
     let app = app::start(&cfg).await?;
     println!("batchrouter demo");
-    println!("  API        http://{}   (try /v1/destinations and /metrics while it runs)", app.addr());
+    println!(
+        "  API        http://{}   (try /v1/destinations and /metrics while it runs)",
+        app.addr()
+    );
     println!(
         "  store      {}  ({})",
         dir.path().join("demo.db").display(),
-        if opts.keep { "kept after the demo" } else { "deleted at exit; --keep keeps it" }
+        if opts.keep {
+            "kept after the demo"
+        } else {
+            "deleted at exit; --keep keeps it"
+        }
     );
     println!(
         "  stand-ins  webhook {}  warehouse {}  marketo {}  klaviyo {}",
@@ -114,8 +178,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
         standins.marketo.base_url(),
         standins.klaviyo.base_url()
     );
+    match &standins.sshd {
+        Ok(sshd) => println!(
+            "  sftp       OpenSSH on 127.0.0.1:{}, files under {}",
+            sshd.port(),
+            sshd.upload_root().display()
+        ),
+        Err(why) => println!("  sftp       skipped: {why}"),
+    }
 
-    let mut ids = submit(&app.addr().to_string()).await?;
+    let mut ids = submit(&app.addr().to_string(), &configured).await?;
     let malformed: Vec<NewJob> = (0..MALFORMED)
         .map(|i| NewJob {
             destination_id: "warehouse".into(),
@@ -146,7 +218,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
     );
     if opts.keep {
         let kept = dir.keep();
-        println!("Kept the demo's store and staging directory in {}", kept.display());
+        println!(
+            "Kept the demo's store and staging directory in {}",
+            kept.display()
+        );
     }
     Ok(if settled && verdict.is_empty() {
         ExitCode::SUCCESS
@@ -155,12 +230,34 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Posts every sample file as NDJSON; returns the new job ids per destination.
-async fn submit(addr: &str) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
+/// The config text without the block between `# >>> name` and `# <<< name`.
+fn without_block(text: &str, name: &str) -> String {
+    let (open, close) = (format!("# >>> {name}"), format!("# <<< {name}"));
+    let mut out = String::with_capacity(text.len());
+    let mut skipping = false;
+    for line in text.lines() {
+        if line.starts_with(&open) {
+            skipping = true;
+        } else if line.starts_with(&close) {
+            skipping = false;
+        } else if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Posts every sample file of a configured destination as NDJSON; returns
+/// the new job ids per destination.
+async fn submit(addr: &str, configured: &[String]) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/jobs");
     let mut ids: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for (dest, text) in SAMPLES {
+    for (dest, text) in SAMPLES
+        .iter()
+        .filter(|(d, _)| configured.iter().any(|c| c == d))
+    {
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         for chunk in lines.chunks(400) {
             let resp = client
@@ -177,7 +274,9 @@ async fn submit(addr: &str) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
             }
             for j in body["jobs"].as_array().into_iter().flatten() {
                 if j["duplicate"] != true {
-                    ids.entry(dest.to_string()).or_default().push(j["jobId"].as_i64().unwrap_or(0));
+                    ids.entry(dest.to_string())
+                        .or_default()
+                        .push(j["jobId"].as_i64().unwrap_or(0));
                 }
             }
         }
@@ -186,14 +285,22 @@ async fn submit(addr: &str) -> anyhow::Result<BTreeMap<String, Vec<i64>>> {
 }
 
 fn open_jobs(c: &batchrouter_core::store::DestinationCounts) -> u64 {
-    [JobState::Waiting, JobState::Executing, JobState::Importing, JobState::Failed]
-        .iter()
-        .map(|s| c.by_state.get(s).copied().unwrap_or(0))
-        .sum()
+    [
+        JobState::Waiting,
+        JobState::Executing,
+        JobState::Importing,
+        JobState::Failed,
+    ]
+    .iter()
+    .map(|s| c.by_state.get(s).copied().unwrap_or(0))
+    .sum()
 }
 
 /// Live progress until every job is terminal; false on timeout.
-async fn watch_progress(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i64>>) -> anyhow::Result<bool> {
+async fn watch_progress(
+    store: &Arc<dyn JobStore>,
+    ids: &BTreeMap<String, Vec<i64>>,
+) -> anyhow::Result<bool> {
     let tty = std::io::stdout().is_terminal();
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("  {prefix:<18} [{bar:32}] {pos:>5}/{len:<5} {msg}")
@@ -202,7 +309,11 @@ async fn watch_progress(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i6
     let bars: BTreeMap<&str, ProgressBar> = ids
         .iter()
         .map(|(d, v)| {
-            let bar = if tty { multi.add(ProgressBar::new(v.len() as u64)) } else { ProgressBar::hidden() };
+            let bar = if tty {
+                multi.add(ProgressBar::new(v.len() as u64))
+            } else {
+                ProgressBar::hidden()
+            };
             bar.set_style(style.clone());
             bar.set_prefix(d.clone());
             (d.as_str(), bar)
@@ -228,7 +339,10 @@ async fn watch_progress(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i6
             bar.set_position(done);
             bar.set_message(msg.clone());
             if !tty && last_line.elapsed() >= Duration::from_secs(1) {
-                println!("  {d:<18} {done:>5}/{:<5} {msg}", ids.get(*d).map_or(0, Vec::len));
+                println!(
+                    "  {d:<18} {done:>5}/{:<5} {msg}",
+                    ids.get(*d).map_or(0, Vec::len)
+                );
             }
         }
         if !tty && last_line.elapsed() >= Duration::from_secs(1) {
@@ -253,10 +367,16 @@ mod tests {
     #[test]
     fn reasons_group_by_shape_not_by_record() {
         assert_eq!(
-            reason_key("destination_rejected", "HTTP 400: record reject-107 rejected"),
+            reason_key(
+                "destination_rejected",
+                "HTTP 400: record reject-107 rejected"
+            ),
             "destination_rejected: HTTP 400: record reject-# rejected"
         );
-        assert_eq!(reason_key("record_rejected", "1004 Lead not found"), "record_rejected: 1004 Lead not found");
+        assert_eq!(
+            reason_key("record_rejected", "1004 Lead not found"),
+            "record_rejected: 1004 Lead not found"
+        );
     }
 }
 
@@ -299,12 +419,17 @@ fn reason_key(code: &str, message: &str) -> String {
     format!("{code}: {short}")
 }
 
-async fn summarize(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i64>>) -> anyhow::Result<BTreeMap<String, DestSummary>> {
+async fn summarize(
+    store: &Arc<dyn JobStore>,
+    ids: &BTreeMap<String, Vec<i64>>,
+) -> anyhow::Result<BTreeMap<String, DestSummary>> {
     let mut out = BTreeMap::new();
     for (dest, list) in ids {
         let mut s = DestSummary::default();
         for id in list {
-            let Some(j) = store.get_job(*id).await? else { continue };
+            let Some(j) = store.get_job(*id).await? else {
+                continue;
+            };
             match j.state {
                 JobState::Succeeded => {
                     s.succeeded += 1;
@@ -313,7 +438,9 @@ async fn summarize(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i64>>) 
                 JobState::Aborted => {
                     s.aborted += 1;
                     if let Some(e) = &j.error {
-                        *s.reasons.entry(reason_key(e.code.as_str(), &e.message)).or_default() += 1;
+                        *s.reasons
+                            .entry(reason_key(e.code.as_str(), &e.message))
+                            .or_default() += 1;
                     }
                 }
                 JobState::Failed => s.failed += 1,
@@ -326,9 +453,15 @@ async fn summarize(store: &Arc<dyn JobStore>, ids: &BTreeMap<String, Vec<i64>>) 
 }
 
 fn print_summary(summary: &BTreeMap<String, DestSummary>) {
-    println!("\n  {:<18} {:>9} {:>7} {:>8} {:>6}", "destination", "succeeded", "failed", "aborted", "open");
+    println!(
+        "\n  {:<18} {:>9} {:>7} {:>8} {:>6}",
+        "destination", "succeeded", "failed", "aborted", "open"
+    );
     for (d, s) in summary {
-        println!("  {d:<18} {:>9} {:>7} {:>8} {:>6}", s.succeeded, s.failed, s.aborted, s.open);
+        println!(
+            "  {d:<18} {:>9} {:>7} {:>8} {:>6}",
+            s.succeeded, s.failed, s.aborted, s.open
+        );
     }
     for (d, s) in summary {
         if s.reasons.is_empty() && s.notes == 0 {
@@ -336,7 +469,10 @@ fn print_summary(summary: &BTreeMap<String, DestSummary>) {
         }
         println!("\n  {d}:");
         if s.notes > 0 {
-            println!("    {:>5} succeeded with a destination warning kept as the job's note", s.notes);
+            println!(
+                "    {:>5} succeeded with a destination warning kept as the job's note",
+                s.notes
+            );
         }
         let mut top: Vec<_> = s.reasons.iter().collect();
         top.sort_by(|a, b| b.1.cmp(a.1));
@@ -347,10 +483,16 @@ fn print_summary(summary: &BTreeMap<String, DestSummary>) {
 }
 
 /// Compares with `expected.json` and the stand-ins' own counts.
-fn check(summary: &BTreeMap<String, DestSummary>, standins: &StandIns) -> anyhow::Result<Vec<String>> {
+fn check(
+    summary: &BTreeMap<String, DestSummary>,
+    standins: &StandIns,
+) -> anyhow::Result<Vec<String>> {
     let expected: Value = serde_json::from_str(EXPECTED)?;
     let mut problems = Vec::new();
     for (dest, want) in expected.as_object().into_iter().flatten() {
+        if dest == "sftp-drop" && standins.sshd.is_err() {
+            continue;
+        }
         let got = summary.get(dest);
         let field = |k: &str| want.get(k).and_then(Value::as_u64);
         let pairs = [
@@ -377,5 +519,57 @@ fn check(summary: &BTreeMap<String, DestSummary>, standins: &StandIns) -> anyhow
             problems.push(format!("{name}: {dup} record(s) delivered more than once"));
         }
     }
+    if let Ok(sshd) = &standins.sshd {
+        let files = csv_files(&sshd.upload_root().join("drops"));
+        let rows: usize = files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .map(|t| t.lines().count().saturating_sub(1))
+                    .unwrap_or(0)
+            })
+            .sum();
+        let want = summary.get("sftp-drop").map_or(0, |s| s.succeeded as usize);
+        println!(
+            "\n  sftp-drop wrote {} CSV file(s) with {rows} row(s), e.g. {}",
+            files.len(),
+            files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default()
+        );
+        if rows != want {
+            problems.push(format!(
+                "sftp-drop: {rows} CSV rows on the server for {want} succeeded jobs"
+            ));
+        }
+        let partial = files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "part"))
+            .count();
+        if partial > 0 {
+            problems.push(format!(
+                "sftp-drop: {partial} partial upload(s) left on the server"
+            ));
+        }
+    }
     Ok(problems)
+}
+
+/// Every file under `dir`, recursively (the demo's SFTP drops).
+fn csv_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -33,7 +33,10 @@ pub async fn run(
 ) -> anyhow::Result<EnqueueReport> {
     if cfg.destination(destination).is_none() {
         let known: Vec<&str> = cfg.destinations.iter().map(|d| d.id.as_str()).collect();
-        bail!("destination `{destination}` is not configured (configured: {})", known.join(", "));
+        bail!(
+            "destination `{destination}` is not configured (configured: {})",
+            known.join(", ")
+        );
     }
     let mut file = open_input(input)?;
     let lines = validate(&mut file, message_id_field)?;
@@ -41,20 +44,28 @@ pub async fn run(
     match batchrouter_store::open(cfg.store.url.expose()).await {
         Ok(store) => {
             let mut report = EnqueueReport::default();
-            for_each_chunk(&mut file, destination, message_id_field, |jobs| {
-                let store = store.clone();
-                async move {
-                    let ins = store.insert_jobs(jobs, Timestamp::now()).await?;
-                    let dups = ins.iter().filter(|i| i.duplicate).count() as u64;
-                    Ok((ins.len() as u64 - dups, dups))
-                }
-            }, &mut report)
+            for_each_chunk(
+                &mut file,
+                destination,
+                message_id_field,
+                |jobs| {
+                    let store = store.clone();
+                    async move {
+                        let ins = store.insert_jobs(jobs, Timestamp::now()).await?;
+                        let dups = ins.iter().filter(|i| i.duplicate).count() as u64;
+                        Ok((ins.len() as u64 - dups, dups))
+                    }
+                },
+                &mut report,
+            )
             .await?;
             debug_assert_eq!(report.inserted + report.duplicates, lines);
             Ok(report)
         }
         Err(StoreError::Unavailable(why)) if why.contains("in use by another batchrouterd") => {
-            eprintln!("The store is owned by a running batchrouterd; sending the jobs through its API.");
+            eprintln!(
+                "The store is owned by a running batchrouterd; sending the jobs through its API."
+            );
             via_api(cfg, &mut file, destination, message_id_field).await
         }
         Err(e) => Err(e).context("cannot open the job store"),
@@ -63,7 +74,9 @@ pub async fn run(
 
 fn open_input(input: Option<&Path>) -> anyhow::Result<File> {
     match input {
-        Some(p) if p != Path::new("-") => File::open(p).with_context(|| format!("cannot read {}", p.display())),
+        Some(p) if p != Path::new("-") => {
+            File::open(p).with_context(|| format!("cannot read {}", p.display()))
+        }
         _ => {
             // Spool stdin so it can be validated whole before storing.
             let mut spool = tempfile::tempfile()?;
@@ -79,7 +92,9 @@ fn message_id(v: &serde_json::Value, field: Option<&str>) -> Result<Option<Strin
     match v.get(f) {
         Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
-        _ => Err(format!("field `{f}` (the message id) is missing or not a string/number")),
+        _ => Err(format!(
+            "field `{f}` (the message id) is missing or not a string/number"
+        )),
     }
 }
 
@@ -105,7 +120,10 @@ fn validate(file: &mut File, field: Option<&str>) -> anyhow::Result<u64> {
         }
     }
     if !problems.is_empty() {
-        bail!("nothing was enqueued; fix these lines first:\n  {}", problems.join("\n  "));
+        bail!(
+            "nothing was enqueued; fix these lines first:\n  {}",
+            problems.join("\n  ")
+        );
     }
     if count == 0 {
         bail!("the input holds no jobs");

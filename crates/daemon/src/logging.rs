@@ -14,7 +14,11 @@ pub fn init(cfg: &LoggingConfig) {
         .with_writer(std::io::stderr)
         .with_target(false);
     let result = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
     if let Err(e) = result {

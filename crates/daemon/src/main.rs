@@ -28,7 +28,13 @@ Examples:
 #[command(name = "batchrouterd", version, about, after_help = EXAMPLES)]
 struct Cli {
     /// Config file (TOML; .yaml/.yml/.json also accepted).
-    #[arg(short, long, global = true, env = "BATCHROUTER_CONFIG", default_value = "config/batchrouter.toml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "BATCHROUTER_CONFIG",
+        default_value = "config/batchrouter.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -73,29 +79,38 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Run) {
-            Command::Run => run(&cli.config).await,
-            Command::CheckConfig => check_config(&cli.config),
-            Command::Enqueue {
-                destination,
-                message_id_field,
-                file,
-            } => {
-                let cfg = load(&cli.config, Arc::new(OsEnv))?;
-                let r = enqueue::run(&cfg, &destination, file.as_deref(), message_id_field.as_deref()).await?;
-                println!(
+    let result =
+        runtime.block_on(async move {
+            match cli.command.unwrap_or(Command::Run) {
+                Command::Run => run(&cli.config).await,
+                Command::CheckConfig => check_config(&cli.config),
+                Command::Enqueue {
+                    destination,
+                    message_id_field,
+                    file,
+                } => {
+                    let cfg = load(&cli.config, Arc::new(OsEnv))?;
+                    let r = enqueue::run(
+                        &cfg,
+                        &destination,
+                        file.as_deref(),
+                        message_id_field.as_deref(),
+                    )
+                    .await?;
+                    println!(
                     "enqueued {} job(s) for `{destination}` ({} duplicate message id(s) skipped){}",
                     r.inserted,
                     r.duplicates,
                     if r.via_api { " through the running daemon" } else { "" }
                 );
-                Ok(ExitCode::SUCCESS)
+                    Ok(ExitCode::SUCCESS)
+                }
+                #[cfg(feature = "demo")]
+                Command::Demo { keep } => {
+                    batchrouterd::demo::run(batchrouterd::demo::DemoOptions { keep }).await
+                }
             }
-            #[cfg(feature = "demo")]
-            Command::Demo { keep } => batchrouterd::demo::run(batchrouterd::demo::DemoOptions { keep }).await,
-        }
-    });
+        });
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -108,7 +123,10 @@ fn main() -> ExitCode {
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     match load(path, Arc::new(OsEnv)) {
         Ok(cfg) => {
-            println!("# {} is valid. Effective configuration (secrets redacted):\n", path.display());
+            println!(
+                "# {} is valid. Effective configuration (secrets redacted):\n",
+                path.display()
+            );
             print!("{}", render_effective(&cfg));
             Ok(ExitCode::SUCCESS)
         }
@@ -120,17 +138,22 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg = load(path, Arc::new(OsEnv)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let cfg =
+        load(path, Arc::new(OsEnv)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     logging::init(&cfg.logging);
     let app = app::start(&cfg).await?;
     println!("batchrouterd listening on http://{}", app.addr());
-    wait_for_signal().await.context("cannot install signal handlers")?;
+    wait_for_signal()
+        .await
+        .context("cannot install signal handlers")?;
     let report = app.shutdown().await;
     if report.clean {
         tracing::info!("Stopped cleanly.");
         Ok(ExitCode::SUCCESS)
     } else {
-        tracing::warn!("Stopped after the shutdown timeout; unfinished work resumes at the next start.");
+        tracing::warn!(
+            "Stopped after the shutdown timeout; unfinished work resumes at the next start."
+        );
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -48,10 +48,22 @@ async fn five_thousand_jobs_through_the_api_with_status_and_metrics() {
     let s = HttpStandIn::start().await;
     let cfg = write_config(dir.path(), &http_config(dir.path(), &s.url(), "", ""));
     let d = Daemon::start(&cfg, &[]);
-    let (status, a) = d.post("/v1/jobs", "application/json", envelope("web", "j", 0..2500)).await;
+    let (status, a) = d
+        .post(
+            "/v1/jobs",
+            "application/json",
+            envelope("web", "j", 0..2500),
+        )
+        .await;
     assert_eq!(status, 202, "{a}");
     assert_eq!(a["status"], "accepted");
-    let (status, b) = d.post("/v1/jobs", "application/x-ndjson", ndjson("web", "n", 0..2500)).await;
+    let (status, b) = d
+        .post(
+            "/v1/jobs",
+            "application/x-ndjson",
+            ndjson("web", "n", 0..2500),
+        )
+        .await;
     assert_eq!(status, 202, "{b}");
     let mut ids: Vec<i64> = Vec::new();
     for body in [&a, &b] {
@@ -89,11 +101,41 @@ async fn five_thousand_jobs_through_the_api_with_status_and_metrics() {
 
     let text = d.get_text("/metrics").await;
     let labels = ["destination_type=\"HTTP\"", "destination_id=\"web\""];
-    assert_eq!(metric(&text, "batchrouter_jobs_received_total", &labels), Some(5000.0), "{text}");
-    assert_eq!(metric(&text, "batchrouter_jobs_total", &[labels[0], labels[1], "state=\"succeeded\""]), Some(5000.0));
-    assert!(metric(&text, "batchrouter_uploads_total", &["result=\"success\""]).unwrap() >= 1.0, "{text}");
-    assert!(metric(&text, "batchrouter_destination_requests_total", &["status=\"200\""]).unwrap() >= 25.0);
-    assert!(metric(&text, "batchrouter_store_op_duration_seconds_count", &["op=\"claim_jobs\""]).unwrap() > 0.0);
+    assert_eq!(
+        metric(&text, "batchrouter_jobs_received_total", &labels),
+        Some(5000.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "batchrouter_jobs_total",
+            &[labels[0], labels[1], "state=\"succeeded\""]
+        ),
+        Some(5000.0)
+    );
+    assert!(
+        metric(&text, "batchrouter_uploads_total", &["result=\"success\""]).unwrap() >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "batchrouter_destination_requests_total",
+            &["status=\"200\""]
+        )
+        .unwrap()
+            >= 25.0
+    );
+    assert!(
+        metric(
+            &text,
+            "batchrouter_store_op_duration_seconds_count",
+            &["op=\"claim_jobs\""]
+        )
+        .unwrap()
+            > 0.0
+    );
     assert!(text.contains("batchrouter_job_latency_seconds_bucket"));
     promtool_check(&text);
 
@@ -112,14 +154,29 @@ fn promtool_check(scrape: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
     else {
-        batchrouter_testkit::skip_or_fail("promtool_check", "promtool is not installed (Debian package `prometheus`)");
+        batchrouter_testkit::skip_or_fail(
+            "promtool_check",
+            "promtool is not installed (Debian package `prometheus`)",
+        );
         return;
     };
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,15 +185,31 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
     let s = HttpStandIn::start().await;
     let cfg = write_config(
         dir.path(),
-        &http_config(dir.path(), &s.url(), "authToken = \"${TEST_TOKEN}\"\nmaxBodyBytes = \"4KiB\"", ""),
+        &http_config(
+            dir.path(),
+            &s.url(),
+            "authToken = \"${TEST_TOKEN}\"\nmaxBodyBytes = \"4KiB\"",
+            "",
+        ),
     );
     let d = Daemon::start(&cfg, &[("TEST_TOKEN", "s3cret-token")]);
     let body = ndjson("web", "x", 0..2);
-    let (status, e) = d.post("/v1/jobs", "application/x-ndjson", body.clone()).await;
-    assert_eq!((status, e["error"]["code"].as_str()), (401, Some("unauthorized")), "{e}");
+    let (status, e) = d
+        .post("/v1/jobs", "application/x-ndjson", body.clone())
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{e}"
+    );
     let d = d.with_token("wrong");
-    let (status, e) = d.post("/v1/jobs", "application/x-ndjson", body.clone()).await;
-    assert_eq!((status, e["error"]["code"].as_str()), (401, Some("unauthorized")));
+    let (status, e) = d
+        .post("/v1/jobs", "application/x-ndjson", body.clone())
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
     let d = d.with_token("s3cret-token");
 
     let cases: Vec<(&str, String, u16, &str)> = vec![
@@ -154,13 +227,33 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
         assert_eq!(e["error"]["code"], code, "{e}");
         assert!(e["error"]["message"].as_str().unwrap().len() > 5);
     }
-    let (_, e) = d.post("/v1/jobs", "application/x-ndjson", format!("{}\n{{oops", ndjson("web", "a", 0..3))).await;
-    assert!(e["error"]["message"].as_str().unwrap().starts_with("line 4:"), "names the line: {e}");
+    let (_, e) = d
+        .post(
+            "/v1/jobs",
+            "application/x-ndjson",
+            format!("{}\n{{oops", ndjson("web", "a", 0..3)),
+        )
+        .await;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 4:"),
+        "names the line: {e}"
+    );
     let c = d.counts("web").await;
-    let stored: u64 = c["counts"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    let stored: u64 = c["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
     assert_eq!(stored, 0, "nothing stored: {c}");
     let (status, e) = d.get("/v1/jobs/12345").await;
-    assert_eq!((status, e["error"]["code"].as_str()), (404, Some("not_found")));
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
     let (status, _) = d.get("/v1/imports/abc").await;
     assert_eq!(status, 404);
     // The open endpoints stay open.
@@ -178,7 +271,13 @@ async fn aborted_jobs_are_redriven_and_delivered_once() {
     s.set_default(Some(Fault::status(403)));
     let cfg = write_config(dir.path(), &http_config(dir.path(), &s.url(), "", ""));
     let d = Daemon::start(&cfg, &[]);
-    let (status, r) = d.post("/v1/jobs", "application/x-ndjson", ndjson("web", "r", 0..10)).await;
+    let (status, r) = d
+        .post(
+            "/v1/jobs",
+            "application/x-ndjson",
+            ndjson("web", "r", 0..10),
+        )
+        .await;
     assert_eq!(status, 202);
     let first = r["jobs"][0]["jobId"].as_i64().unwrap();
     let c = d.settle("web", LIMIT).await;
@@ -189,25 +288,56 @@ async fn aborted_jobs_are_redriven_and_delivered_once() {
     assert!(s.accepted().is_empty());
 
     s.heal();
-    let (status, r) = d.post(&format!("/v1/jobs/{first}/retry"), "application/json", "").await;
+    let (status, r) = d
+        .post(&format!("/v1/jobs/{first}/retry"), "application/json", "")
+        .await;
     assert_eq!((status, r["count"].as_u64()), (202, Some(1)), "{r}");
-    let (status, r) = d.post("/v1/destinations/web/redrive?state=aborted", "application/json", "").await;
+    let (status, r) = d
+        .post(
+            "/v1/destinations/web/redrive?state=aborted",
+            "application/json",
+            "",
+        )
+        .await;
     assert_eq!((status, r["count"].as_u64()), (202, Some(9)), "{r}");
     let c = d.settle("web", LIMIT).await;
     assert_eq!(c["counts"]["succeeded"], 10, "{c}");
     assert_eq!(s.accepted().len(), 10);
-    assert!(s.accepted().values().all(|&n| n == 1), "each delivered once after the redrive");
+    assert!(
+        s.accepted().values().all(|&n| n == 1),
+        "each delivered once after the redrive"
+    );
     let (_, j) = d.get(&format!("/v1/jobs/{first}")).await;
-    assert_eq!((j["state"].as_str(), j["attempts"].as_u64()), (Some("succeeded"), Some(2)), "{j}");
+    assert_eq!(
+        (j["state"].as_str(), j["attempts"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{j}"
+    );
 
-    let (status, e) = d.post(&format!("/v1/jobs/{first}/retry"), "application/json", "").await;
-    assert_eq!((status, e["error"]["code"].as_str()), (409, Some("conflict")));
+    let (status, e) = d
+        .post(&format!("/v1/jobs/{first}/retry"), "application/json", "")
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (409, Some("conflict"))
+    );
     let (status, _) = d.post("/v1/jobs/99999/retry", "application/json", "").await;
     assert_eq!(status, 404);
-    let (status, _) = d.post("/v1/destinations/nope/redrive", "application/json", "").await;
+    let (status, _) = d
+        .post("/v1/destinations/nope/redrive", "application/json", "")
+        .await;
     assert_eq!(status, 404);
-    let (status, e) = d.post("/v1/destinations/web/redrive?state=succeeded", "application/json", "").await;
-    assert_eq!((status, e["error"]["code"].as_str()), (400, Some("malformed_request")));
+    let (status, e) = d
+        .post(
+            "/v1/destinations/web/redrive?state=succeeded",
+            "application/json",
+            "",
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("malformed_request"))
+    );
 }
 
 fn marketo_config(dir: &std::path::Path, m: &MarketoStandIn) -> String {
@@ -262,7 +392,9 @@ async fn kill_9_with_an_import_in_flight_loses_nothing_and_uploads_nothing_twice
     let secret = m.client_secret().to_string();
     let env = [("MKTO_SECRET", secret.as_str())];
     let d = Daemon::start(&cfg, &env);
-    let (status, _) = d.post("/v1/jobs", "application/x-ndjson", leads(0..1200)).await;
+    let (status, _) = d
+        .post("/v1/jobs", "application/x-ndjson", leads(0..1200))
+        .await;
     assert_eq!(status, 202);
     // Sync mode: the first import is in flight and no upload can be.
     let start = Instant::now();
@@ -283,13 +415,26 @@ async fn kill_9_with_an_import_in_flight_loses_nothing_and_uploads_nothing_twice
     assert_eq!(c["counts"]["succeeded"], 1200, "{c}");
     let imported = m.imported();
     assert_eq!(imported.len(), 1200, "every lead arrived");
-    assert!(imported.values().all(|&n| n == 1), "no lead was imported twice");
-    assert_eq!(m.imports().len(), 3, "the in-flight import was polled to completion, not uploaded again");
+    assert!(
+        imported.values().all(|&n| n == 1),
+        "no lead was imported twice"
+    );
+    assert_eq!(
+        m.imports().len(),
+        3,
+        "the in-flight import was polled to completion, not uploaded again"
+    );
     let (_, j) = d.get("/v1/jobs/1").await;
-    let import_id = j["importId"].as_i64().expect("importing jobs keep their import id");
+    let import_id = j["importId"]
+        .as_i64()
+        .expect("importing jobs keep their import id");
     let (status, i) = d.get(&format!("/v1/imports/{import_id}")).await;
     assert_eq!(status, 200);
-    assert_eq!((i["status"].as_str(), i["progress"].as_u64()), (Some("completed"), Some(100)), "{i}");
+    assert_eq!(
+        (i["status"].as_str(), i["progress"].as_u64()),
+        (Some("completed"), Some(100)),
+        "{i}"
+    );
     assert_eq!(i["counts"]["succeeded"], 400);
     assert!(i["completedAt"].is_string());
 }
@@ -301,10 +446,21 @@ async fn sigterm_finishes_the_upload_in_flight_and_exits_zero() {
     s.push_fault(Fault::status(200).delayed(Duration::from_millis(1500)));
     let cfg = write_config(
         dir.path(),
-        &http_config(dir.path(), &s.url(), "", "maxEventsInABatch = 100\nshutdownTimeout = \"10s\""),
+        &http_config(
+            dir.path(),
+            &s.url(),
+            "",
+            "maxEventsInABatch = 100\nshutdownTimeout = \"10s\"",
+        ),
     );
     let d = Daemon::start(&cfg, &[]);
-    let (status, _) = d.post("/v1/jobs", "application/x-ndjson", ndjson("web", "t", 0..300)).await;
+    let (status, _) = d
+        .post(
+            "/v1/jobs",
+            "application/x-ndjson",
+            ndjson("web", "t", 0..300),
+        )
+        .await;
     assert_eq!(status, 202);
     let start = Instant::now();
     while s.requests() == 0 {
@@ -314,15 +470,32 @@ async fn sigterm_finishes_the_upload_in_flight_and_exits_zero() {
     let t0 = Instant::now();
     let exit = d.sigterm(Duration::from_secs(15));
     assert!(exit.success(), "{exit:?}");
-    assert!(t0.elapsed() >= Duration::from_millis(1000), "waited for the upload in flight");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "waited for the upload in flight"
+    );
     // The store now belongs to nobody: read it directly.
-    let store = batchrouter_store::SqliteStore::open(dir.path().join("jobs.db")).await.unwrap();
+    let store = batchrouter_store::SqliteStore::open(dir.path().join("jobs.db"))
+        .await
+        .unwrap();
     use batchrouter_core::{JobState, JobStore};
     let counts = store.destination_counts().await.unwrap();
     let web = &counts["web"];
-    assert_eq!(web.by_state[&JobState::Succeeded], 100, "the batch in flight finished: {web:?}");
-    assert_eq!(web.by_state[&JobState::Executing], 0, "nothing left claimed");
-    assert_eq!(web.by_state[&JobState::Waiting], 200, "the rest was released, not lost");
+    assert_eq!(
+        web.by_state[&JobState::Succeeded],
+        100,
+        "the batch in flight finished: {web:?}"
+    );
+    assert_eq!(
+        web.by_state[&JobState::Executing],
+        0,
+        "nothing left claimed"
+    );
+    assert_eq!(
+        web.by_state[&JobState::Waiting],
+        200,
+        "the rest was released, not lost"
+    );
     assert_eq!(s.accepted().len(), 100);
 }
 
@@ -351,7 +524,11 @@ headers = { Authorization = "Bearer hdr-secret-456" }
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for secret in ["pg-pass-123", "hdr-secret-456", "api-token-789"] {
         assert!(!text.contains(secret), "{secret} leaked:\n{text}");
     }
@@ -366,7 +543,10 @@ headers = { Authorization = "Bearer hdr-secret-456" }
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("3 problem(s)"), "{err}");
-    assert!(err.contains("did you mean `HTTP`") && err.contains("did you mean `maxRetries`"), "{err}");
+    assert!(
+        err.contains("did you mean `HTTP`") && err.contains("did you mean `maxRetries`"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,19 +554,35 @@ async fn enqueue_writes_to_the_store_or_through_a_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let s = HttpStandIn::start().await;
     // A fixed port: enqueue finds a running daemon through server.listen.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let cfg = http_config(dir.path(), &s.url(), "", "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = http_config(dir.path(), &s.url(), "", "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let cfg = write_config(dir.path(), &cfg);
     let file = dir.path().join("jobs.ndjson");
-    let lines: Vec<String> = (0..50).map(|i| format!("{{\"id\": \"e-{i}\", \"mid\": \"m-{i}\"}}")).collect();
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!("{{\"id\": \"e-{i}\", \"mid\": \"m-{i}\"}}"))
+        .collect();
     std::fs::write(&file, lines.join("\n")).unwrap();
     let enqueue = |extra: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_batchrouterd"));
-        c.args(["enqueue", "--config"]).arg(&cfg).args(["--destination", "web", "--message-id-field", "mid"]);
+        c.args(["enqueue", "--config"]).arg(&cfg).args([
+            "--destination",
+            "web",
+            "--message-id-field",
+            "mid",
+        ]);
         c.args(extra).arg(&file).output().unwrap()
     };
     let out = enqueue(&[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("enqueued 50 job(s)"));
     let d = Daemon::start(&cfg, &[]);
     let c = d.settle("web", LIMIT).await;
@@ -395,8 +591,17 @@ async fn enqueue_writes_to_the_store_or_through_a_running_daemon() {
     // message ids make the re-run idempotent.
     let out = enqueue(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("enqueued 0 job(s)") && stdout.contains("50 duplicate") && stdout.contains("through the running daemon"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("enqueued 0 job(s)")
+            && stdout.contains("50 duplicate")
+            && stdout.contains("through the running daemon"),
+        "{stdout}"
+    );
     // A bad line stores nothing.
     std::fs::write(&file, "{\"id\": \"ok\", \"mid\": \"z\"}\n[1,2]\n").unwrap();
     let out = enqueue(&[]);
@@ -405,4 +610,64 @@ async fn enqueue_writes_to_the_store_or_through_a_running_daemon() {
     let c: Value = d.counts("web").await;
     assert_eq!(c["counts"]["succeeded"], 50);
     assert_eq!(c["counts"]["waiting"], 0);
+}
+
+#[test]
+fn the_demo_runs_and_every_job_ends_as_expected() {
+    let out = Command::new(env!("CARGO_BIN_EXE_batchrouterd"))
+        .arg("demo")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("every job ended as expected"), "{stdout}");
+    if batchrouter_testkit::real_servers_required() {
+        assert!(
+            stdout.contains("sftp-drop wrote"),
+            "the SFTP part ran: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/systemd/batchrouterd.service"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("batchrouterd.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/batchrouterd",
+            env!("CARGO_BIN_EXE_batchrouterd"),
+        ),
+    )
+    .unwrap();
+    let Ok(out) = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+    else {
+        eprintln!("*** SKIPPED the_systemd_unit_verifies: systemd-analyze is not installed ***");
+        return;
+    };
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Only complaints about this unit count (the host's own units may be odd).
+    let ours: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("batchrouterd"))
+        .collect();
+    assert!(ours.is_empty(), "systemd-analyze verify:\n{report}");
 }

@@ -121,7 +121,9 @@ pub fn validate(value: &serde_json::Value) -> Result<HttpConfig, ConfigProblems>
             p.push(format!("headers: `{name}` is not a valid header name"));
         }
         if reqwest::header::HeaderValue::from_str(value.expose()).is_err() {
-            p.push(format!("headers: the value of `{name}` is not a valid header value"));
+            p.push(format!(
+                "headers: the value of `{name}` is not a valid header value"
+            ));
         }
     }
     if raw.max_batch_size == 0 {
@@ -190,7 +192,9 @@ mod tests {
 
     #[test]
     fn header_values_are_redacted_in_debug() {
-        let c = validate(&json!({"url": "http://x", "headers": {"Authorization": "Bearer s3cr3t"}})).unwrap();
+        let c =
+            validate(&json!({"url": "http://x", "headers": {"Authorization": "Bearer s3cr3t"}}))
+                .unwrap();
         assert!(!format!("{c:?}").contains("s3cr3t"));
     }
 }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, Job, SimpleAsyncDestinationManager,
-    StagedBatch, TransformError, UploadOutput, Uploader,
+    AsyncDestinationManager, ConfigProblems, DestinationContext, Job,
+    SimpleAsyncDestinationManager, StagedBatch, TransformError, UploadOutput, Uploader,
 };
 
 pub use config::{HttpConfig, Method, Mode, CONFIG_KEYS};
@@ -33,7 +33,8 @@ pub fn build(
     config: &serde_json::Value,
 ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
     let validated = config::validate(config)?;
-    let client = upload::Client::new(validated, ctx.telemetry.clone()).map_err(ConfigProblems::one)?;
+    let client =
+        upload::Client::new(validated, ctx.telemetry.clone()).map_err(ConfigProblems::one)?;
     Ok(Arc::new(SimpleAsyncDestinationManager::new(HttpUploader {
         destination_id: ctx.id.clone(),
         client,

@@ -6,7 +6,9 @@ use batchrouter_core::TransformError;
 /// The staged line for a payload; invalid JSON aborts the job.
 pub fn to_line(payload: &str) -> Result<String, TransformError> {
     if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(payload) {
-        return Err(TransformError::new(format!("payload is not valid JSON: {e}")));
+        return Err(TransformError::new(format!(
+            "payload is not valid JSON: {e}"
+        )));
     }
     if payload.contains(['\n', '\r']) {
         // Pretty-printed JSON: newlines are insignificant whitespace there
@@ -25,9 +27,15 @@ mod tests {
     #[test]
     fn keeps_payload_compacts_newlines_rejects_bad_json() {
         assert_eq!(to_line(r#"{"a": 1}"#).unwrap(), r#"{"a": 1}"#);
-        assert_eq!(to_line("{\n  \"a\": \"x\\ny\"\n}").unwrap(), r#"{"a":"x\ny"}"#);
+        assert_eq!(
+            to_line("{\n  \"a\": \"x\\ny\"\n}").unwrap(),
+            r#"{"a":"x\ny"}"#
+        );
         let e = to_line("{\"a\": ").unwrap_err();
-        assert!(e.to_string().starts_with("payload is not valid JSON"), "{e}");
+        assert!(
+            e.to_string().starts_with("payload is not valid JSON"),
+            "{e}"
+        );
         assert_eq!(to_line("[1,2]").unwrap(), "[1,2]");
     }
 }

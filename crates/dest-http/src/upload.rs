@@ -40,8 +40,10 @@ impl Client {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (k, v) in &cfg.headers {
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k}: {e}"))?;
-            let mut value = HeaderValue::from_str(v.expose()).map_err(|_| format!("header {k}: invalid value"))?;
+            let name =
+                HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k}: {e}"))?;
+            let mut value = HeaderValue::from_str(v.expose())
+                .map_err(|_| format!("header {k}: invalid value"))?;
             value.set_sensitive(true);
             headers.insert(name, value);
         }
@@ -70,7 +72,8 @@ impl Client {
             Mode::Single => self.cfg.max_in_flight * 2,
         });
         let reader_batch = batch.clone();
-        let reader = tokio::task::spawn_blocking(move || read_chunks(&reader_batch, per_message, tx));
+        let reader =
+            tokio::task::spawn_blocking(move || read_chunks(&reader_batch, per_message, tx));
         let out = match self.cfg.mode {
             Mode::Batch => self.send_chunks(batch, rx).await,
             Mode::Single => self.send_singles(batch, rx).await,
@@ -79,7 +82,11 @@ impl Client {
         out
     }
 
-    async fn send_chunks(&self, batch: &StagedBatch, mut rx: mpsc::Receiver<Chunk>) -> UploadOutput {
+    async fn send_chunks(
+        &self,
+        batch: &StagedBatch,
+        mut rx: mpsc::Receiver<Chunk>,
+    ) -> UploadOutput {
         let mut out = UploadOutput::default();
         let mut done = 0usize;
         while let Some(chunk) = rx.recv().await {
@@ -90,7 +97,8 @@ impl Client {
                     return out;
                 }
             };
-            let mut body = Vec::with_capacity(chunk.iter().map(|(_, l)| l.len() + 1).sum::<usize>() + 2);
+            let mut body =
+                Vec::with_capacity(chunk.iter().map(|(_, l)| l.len() + 1).sum::<usize>() + 2);
             body.push(b'[');
             for (i, (_, line)) in chunk.iter().enumerate() {
                 if i > 0 {
@@ -101,10 +109,14 @@ impl Client {
             body.push(b']');
             done += chunk.len();
             match self.send(body).await {
-                Ok(()) => chunk.iter().for_each(|(id, _)| out.push(*id, Outcome::succeeded())),
+                Ok(()) => chunk
+                    .iter()
+                    .for_each(|(id, _)| out.push(*id, Outcome::succeeded())),
                 Err(e) => {
                     let outcome = Outcome::from_destination_error(&e);
-                    chunk.iter().for_each(|(id, _)| out.push(*id, outcome.clone()));
+                    chunk
+                        .iter()
+                        .for_each(|(id, _)| out.push(*id, outcome.clone()));
                     out.note_retry_after(e.retry_after());
                     if !matches!(e, DestinationError::Permanent { .. }) {
                         defer_rest(&mut out, &batch.job_ids[done..], &e);
@@ -122,19 +134,20 @@ impl Client {
     async fn send_singles(&self, batch: &StagedBatch, rx: mpsc::Receiver<Chunk>) -> UploadOutput {
         let stop: Arc<Mutex<Option<DestinationError>>> = Arc::new(Mutex::new(None));
         let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-        let records = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-            .filter_map(|chunk| {
-                let read_error = read_error.clone();
-                async move {
-                    match chunk {
-                        Ok(mut c) => c.pop(),
-                        Err(e) => {
-                            *read_error.lock().unwrap() = Some(e);
-                            None
+        let records =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .filter_map(|chunk| {
+                    let read_error = read_error.clone();
+                    async move {
+                        match chunk {
+                            Ok(mut c) => c.pop(),
+                            Err(e) => {
+                                *read_error.lock().unwrap() = Some(e);
+                                None
+                            }
                         }
                     }
-                }
-            });
+                });
         let results: Vec<(JobId, Outcome, Option<Duration>)> = records
             .map(|(id, line)| {
                 let stop = stop.clone();
@@ -163,7 +176,12 @@ impl Client {
             out.push(id, outcome);
             out.note_retry_after(hint);
         }
-        let missing: Vec<JobId> = batch.job_ids.iter().copied().filter(|id| !seen.contains(id)).collect();
+        let missing: Vec<JobId> = batch
+            .job_ids
+            .iter()
+            .copied()
+            .filter(|id| !seen.contains(id))
+            .collect();
         if !missing.is_empty() {
             let why = read_error
                 .lock()
@@ -207,7 +225,10 @@ impl Client {
 
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> DestinationError {
     if e.is_timeout() {
-        DestinationError::retryable(format!("request timed out after {}s", timeout.as_secs_f64()))
+        DestinationError::retryable(format!(
+            "request timed out after {}s",
+            timeout.as_secs_f64()
+        ))
     } else if e.is_connect() {
         DestinationError::retryable(format!("connection failed: {}", root_cause(e)))
     } else {
@@ -241,7 +262,10 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize) -> String {
 fn deferred(e: &DestinationError) -> Outcome {
     Outcome::Throttled(JobError::new(
         e.code(),
-        format!("not sent: an earlier request of this batch failed ({})", e.message()),
+        format!(
+            "not sent: an earlier request of this batch failed ({})",
+            e.message()
+        ),
     ))
 }
 
@@ -255,7 +279,10 @@ fn fail_rest(out: &mut UploadOutput, ids: &[JobId], why: &str) {
     for id in ids {
         out.push(
             *id,
-            Outcome::Failed(JobError::new(ErrorCode::Internal, format!("cannot read staged batch: {why}"))),
+            Outcome::Failed(JobError::new(
+                ErrorCode::Internal,
+                format!("cannot read staged batch: {why}"),
+            )),
         );
     }
 }

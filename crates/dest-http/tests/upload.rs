@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{
-    AsyncDestinationManager, DestinationContext, ErrorCode, Job, NoopTelemetry, Outcome, StagedBatch, Timestamp,
-    UploadOutput,
+    AsyncDestinationManager, DestinationContext, ErrorCode, Job, NoopTelemetry, Outcome,
+    StagedBatch, Timestamp, UploadOutput,
 };
 use batchrouter_testkit::http::{Fault, HttpStandIn};
 use serde_json::json;
@@ -57,19 +57,23 @@ fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: usize) 
 }
 
 fn outcome_counts(out: &UploadOutput) -> (usize, usize, usize, usize) {
-    out.outcomes.iter().fold((0, 0, 0, 0), |(s, f, a, t), (_, o)| match o {
-        Outcome::Succeeded { .. } => (s + 1, f, a, t),
-        Outcome::Failed(_) => (s, f + 1, a, t),
-        Outcome::Aborted(_) => (s, f, a + 1, t),
-        Outcome::Throttled(_) => (s, f, a, t + 1),
-    })
+    out.outcomes
+        .iter()
+        .fold((0, 0, 0, 0), |(s, f, a, t), (_, o)| match o {
+            Outcome::Succeeded { .. } => (s + 1, f, a, t),
+            Outcome::Failed(_) => (s, f + 1, a, t),
+            Outcome::Aborted(_) => (s, f, a + 1, t),
+            Outcome::Throttled(_) => (s, f, a, t + 1),
+        })
 }
 
 #[tokio::test]
 async fn batch_mode_sends_arrays_with_headers_and_method() {
     let s = HttpStandIn::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let m = manager(json!({"url": s.url(), "method": "PUT", "maxBatchSize": 4, "headers": {"Authorization": "Bearer t0k", "X-Source": "br"}}));
+    let m = manager(
+        json!({"url": s.url(), "method": "PUT", "maxBatchSize": 4, "headers": {"Authorization": "Bearer t0k", "X-Source": "br"}}),
+    );
     let batch = stage(&m, dir.path(), 10);
     let out = m.upload(&batch).await;
     assert_eq!(outcome_counts(&out), (10, 0, 0, 0));
@@ -113,10 +117,22 @@ async fn server_errors_fail_the_request_and_defer_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let m = manager(json!({"url": s.url(), "maxBatchSize": 2}));
     let out = m.upload(&stage(&m, dir.path(), 8)).await;
-    assert_eq!(outcome_counts(&out), (2, 2, 0, 4), "sent ok, failed, not sent");
+    assert_eq!(
+        outcome_counts(&out),
+        (2, 2, 0, 4),
+        "sent ok, failed, not sent"
+    );
     assert_eq!(out.retry_after, Some(Duration::from_secs(7)));
-    assert_eq!(s.requests(), 2, "nothing more is sent to a failing endpoint");
-    let deferred = out.outcomes.iter().find(|(_, o)| matches!(o, Outcome::Throttled(_))).unwrap();
+    assert_eq!(
+        s.requests(),
+        2,
+        "nothing more is sent to a failing endpoint"
+    );
+    let deferred = out
+        .outcomes
+        .iter()
+        .find(|(_, o)| matches!(o, Outcome::Throttled(_)))
+        .unwrap();
     match &deferred.1 {
         Outcome::Throttled(e) => assert!(e.message.starts_with("not sent"), "{}", e.message),
         _ => unreachable!(),
@@ -133,7 +149,10 @@ async fn too_many_requests_is_throttling_with_retry_after() {
     let out = m.upload(&stage(&m, dir.path(), 3)).await;
     assert_eq!(outcome_counts(&out), (0, 0, 0, 3));
     let hint = out.retry_after.unwrap();
-    assert!(hint > Duration::from_secs(100) && hint <= Duration::from_secs(120), "{hint:?}");
+    assert!(
+        hint > Duration::from_secs(100) && hint <= Duration::from_secs(120),
+        "{hint:?}"
+    );
 }
 
 #[tokio::test]
@@ -193,7 +212,11 @@ async fn single_mode_stops_after_a_throttle() {
     let out = m.upload(&stage(&m, dir.path(), 50)).await;
     let (ok, failed, aborted, throttled) = outcome_counts(&out);
     assert_eq!((ok, failed, aborted, throttled), (0, 0, 0, 50));
-    assert!(s.requests() <= 3, "stopped after the first throttle: {}", s.requests());
+    assert!(
+        s.requests() <= 3,
+        "stopped after the first throttle: {}",
+        s.requests()
+    );
     assert_eq!(out.retry_after, Some(Duration::from_secs(3)));
 }
 

@@ -37,7 +37,16 @@ async fn store_cycle(store: &Arc<dyn JobStore>, dest: &str) -> (usize, Duration)
     let mut total = 0;
     loop {
         let now = Timestamp::now();
-        let jobs = store.claim_jobs(dest, "baseline", 10_000, now, now + Duration::from_secs(300)).await.unwrap();
+        let jobs = store
+            .claim_jobs(
+                dest,
+                "baseline",
+                10_000,
+                now,
+                now + Duration::from_secs(300),
+            )
+            .await
+            .unwrap();
         if jobs.is_empty() {
             break;
         }
@@ -54,7 +63,10 @@ async fn store_cycle(store: &Arc<dyn JobStore>, dest: &str) -> (usize, Duration)
                     .iter()
                     .map(|&job_id| JobTransition {
                         job_id,
-                        to: Transition::Succeeded { note: None, external_id: None },
+                        to: Transition::Succeeded {
+                            note: None,
+                            external_id: None,
+                        },
                     })
                     .collect(),
                 slot: None,
@@ -67,10 +79,17 @@ async fn store_cycle(store: &Arc<dyn JobStore>, dest: &str) -> (usize, Duration)
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let concurrency: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(2);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(n, concurrency));
 }
 
@@ -81,19 +100,35 @@ async fn run(n: usize, concurrency: u32) {
     // Baseline: the store's own claim → commit rate on the same data size,
     // in its own database file so the routed run starts from the same state.
     let (ins, base) = {
-        let baseline: Arc<dyn JobStore> = Arc::new(SqliteStore::open(dir.path().join("baseline.db")).await.unwrap());
+        let baseline: Arc<dyn JobStore> = Arc::new(
+            SqliteStore::open(dir.path().join("baseline.db"))
+                .await
+                .unwrap(),
+        );
         let ins = fill(&baseline, "baseline", n).await;
         let (done, base) = store_cycle(&baseline, "baseline").await;
         assert_eq!(done, n);
         (ins, base)
     };
-    let store: Arc<dyn JobStore> = Arc::new(SqliteStore::open(dir.path().join("bench.db")).await.unwrap());
+    let store: Arc<dyn JobStore> = Arc::new(
+        SqliteStore::open(dir.path().join("bench.db"))
+            .await
+            .unwrap(),
+    );
 
-    let standin = HttpStandIn::start_with(HttpStandInOptions { track_keys: false, ..Default::default() }).await;
+    let standin = HttpStandIn::start_with(HttpStandInOptions {
+        track_keys: false,
+        ..Default::default()
+    })
+    .await;
     let enqueue = fill(&store, "bench", n).await;
     let metrics = Metrics::new();
     let manager = batchrouter_router::factory::build_manager(
-        &DestinationContext { id: "bench".into(), destination_type: "HTTP".into(), telemetry: Arc::new(NoopTelemetry) },
+        &DestinationContext {
+            id: "bench".into(),
+            destination_type: "HTTP".into(),
+            telemetry: Arc::new(NoopTelemetry),
+        },
         &serde_json::json!({"url": standin.url(), "maxBatchSize": 10_000}),
     )
     .unwrap();
@@ -107,7 +142,10 @@ async fn run(n: usize, concurrency: u32) {
     let router = RouterBuilder::new(
         store.clone(),
         metrics,
-        RouterOptions { staging_dir: dir.path().join("staging"), ..RouterOptions::new() },
+        RouterOptions {
+            staging_dir: dir.path().join("staging"),
+            ..RouterOptions::new()
+        },
     )
     .destination("bench", "HTTP", manager, settings)
     .start()
@@ -121,7 +159,11 @@ async fn run(n: usize, concurrency: u32) {
     }
     loop {
         let c = store.destination_counts().await.unwrap();
-        let ok = c.get("bench").and_then(|c| c.by_state.get(&JobState::Succeeded)).copied().unwrap_or(0);
+        let ok = c
+            .get("bench")
+            .and_then(|c| c.by_state.get(&JobState::Succeeded))
+            .copied()
+            .unwrap_or(0);
         if ok as usize == n {
             break;
         }
@@ -129,17 +171,39 @@ async fn run(n: usize, concurrency: u32) {
     }
     let e2e = t0.elapsed();
     router.shutdown().await;
-    assert_eq!(standin.accepted_records(), n as u64, "every record delivered once");
+    assert_eq!(
+        standin.accepted_records(),
+        n as u64,
+        "every record delivered once"
+    );
 
     println!("jobs                         {n}");
     println!("maxConcurrentImports         {concurrency}");
-    println!("enqueue (insert)             {:>10.0} jobs/s", rate(n as u64, enqueue));
-    println!("baseline insert              {:>10.0} jobs/s", rate(n as u64, ins));
-    println!("baseline store claim+commit  {:>10.0} jobs/s  ({base:.2?})", rate(n as u64, base));
-    println!("end to end                   {:>10.0} jobs/s  ({e2e:.2?})", rate(n as u64, e2e));
-    println!("end to end / store baseline  {:>10.2}", base.as_secs_f64() / e2e.as_secs_f64());
+    println!(
+        "enqueue (insert)             {:>10.0} jobs/s",
+        rate(n as u64, enqueue)
+    );
+    println!(
+        "baseline insert              {:>10.0} jobs/s",
+        rate(n as u64, ins)
+    );
+    println!(
+        "baseline store claim+commit  {:>10.0} jobs/s  ({base:.2?})",
+        rate(n as u64, base)
+    );
+    println!(
+        "end to end                   {:>10.0} jobs/s  ({e2e:.2?})",
+        rate(n as u64, e2e)
+    );
+    println!(
+        "end to end / store baseline  {:>10.2}",
+        base.as_secs_f64() / e2e.as_secs_f64()
+    );
     println!("bytes received by stand-in   {}", standin.body_bytes());
     println!("RSS at start                 {rss_start} KiB");
     println!("RSS peak while routing       {peak_mid} KiB");
-    println!("peak RSS (VmHWM)             {} KiB", peak_rss_kib().unwrap_or(0));
+    println!(
+        "peak RSS (VmHWM)             {} KiB",
+        peak_rss_kib().unwrap_or(0)
+    );
 }

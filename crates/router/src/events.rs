@@ -124,11 +124,15 @@ impl UploadFinished<'_> {
     /// Logs one line and updates the upload metrics.
     pub fn emit(&self, ev: &DestinationEvents) {
         let m = &ev.metrics;
-        m.uploads_total.with_label_values(&ev.labels3(self.result.as_str())).inc();
+        m.uploads_total
+            .with_label_values(&ev.labels3(self.result.as_str()))
+            .inc();
         m.upload_duration
             .with_label_values(&ev.labels())
             .observe(self.duration.as_secs_f64());
-        m.upload_bytes.with_label_values(&ev.labels()).inc_by(self.bytes);
+        m.upload_bytes
+            .with_label_values(&ev.labels())
+            .inc_by(self.bytes);
         let retry_after_ms = self.retry_after.map(|d| d.as_millis() as u64);
         match self.result {
             UploadResult::Success | UploadResult::Partial => tracing::info!(
@@ -193,16 +197,24 @@ impl StateChanges<'_> {
             }
         }
         if ok > 0 {
-            m.jobs_total.with_label_values(&ev.labels3("succeeded")).inc_by(ok);
+            m.jobs_total
+                .with_label_values(&ev.labels3("succeeded"))
+                .inc_by(ok);
         }
         if aborted > 0 {
-            m.jobs_total.with_label_values(&ev.labels3("aborted")).inc_by(aborted);
+            m.jobs_total
+                .with_label_values(&ev.labels3("aborted"))
+                .inc_by(aborted);
         }
         if failed > 0 {
-            m.retries_total.with_label_values(&ev.labels()).inc_by(failed);
+            m.retries_total
+                .with_label_values(&ev.labels())
+                .inc_by(failed);
         }
         for (code, n) in &codes {
-            m.job_errors.with_label_values(&ev.labels3(code.as_str())).inc_by(*n);
+            m.job_errors
+                .with_label_values(&ev.labels3(code.as_str()))
+                .inc_by(*n);
         }
         if ok + failed + aborted + self.importing as u64 == 0 {
             return;

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};
 
 /// Builds a manager from a validated context and config table.
-type Constructor = fn(&DestinationContext, &serde_json::Value) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems>;
+type Constructor = fn(
+    &DestinationContext,
+    &serde_json::Value,
+) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems>;
 
 /// One registered destination type.
 struct Entry {
@@ -29,6 +32,11 @@ const TYPES: &[Entry] = &[
         name: batchrouter_dest_klaviyo::DESTINATION_TYPE,
         keys: batchrouter_dest_klaviyo::CONFIG_KEYS,
         build: batchrouter_dest_klaviyo::build,
+    },
+    Entry {
+        name: batchrouter_dest_sftp::DESTINATION_TYPE,
+        keys: batchrouter_dest_sftp::CONFIG_KEYS,
+        build: batchrouter_dest_sftp::build,
     },
 ];
 
@@ -88,7 +96,9 @@ mod tests {
 
     #[test]
     fn unknown_types_name_the_known_ones() {
-        let err = build_manager(&ctx("FAX"), &serde_json::json!({})).err().unwrap();
+        let err = build_manager(&ctx("FAX"), &serde_json::json!({}))
+            .err()
+            .unwrap();
         let text = err.to_string();
         assert!(text.contains("unknown destination type `FAX`"), "{text}");
         assert!(text.contains("HTTP"), "{text}");
@@ -96,8 +106,14 @@ mod tests {
 
     #[test]
     fn builds_and_validates_known_types() {
-        assert!(build_manager(&ctx("HTTP"), &serde_json::json!({"url": "http://127.0.0.1:1/x"})).is_ok());
-        let err = build_manager(&ctx("HTTP"), &serde_json::json!({"ulr": "x"})).err().unwrap();
+        assert!(build_manager(
+            &ctx("HTTP"),
+            &serde_json::json!({"url": "http://127.0.0.1:1/x"})
+        )
+        .is_ok());
+        let err = build_manager(&ctx("HTTP"), &serde_json::json!({"ulr": "x"}))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("did you mean `url`"), "{err}");
         assert!(config_keys("HTTP").unwrap().contains(&"maxInFlight"));
     }

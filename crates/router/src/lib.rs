@@ -108,8 +108,14 @@ impl Default for RouterOptions {
 
 /// A unique lease owner: host, pid and a random suffix.
 pub fn default_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "host".into());
-    format!("{}:{}:{:08x}", host.trim(), std::process::id(), fastrand::u32(..))
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "host".into());
+    format!(
+        "{}:{}:{:08x}",
+        host.trim(),
+        std::process::id(),
+        fastrand::u32(..)
+    )
 }
 
 /// Collects destinations, then starts the engine.
@@ -117,7 +123,12 @@ pub struct RouterBuilder {
     store: Arc<dyn JobStore>,
     metrics: Arc<Metrics>,
     options: RouterOptions,
-    destinations: Vec<(String, String, Arc<dyn AsyncDestinationManager>, RouterSettings)>,
+    destinations: Vec<(
+        String,
+        String,
+        Arc<dyn AsyncDestinationManager>,
+        RouterSettings,
+    )>,
 }
 
 impl RouterBuilder {
@@ -141,7 +152,8 @@ impl RouterBuilder {
         settings: RouterSettings,
     ) -> Self {
         let settings = settings.with_limits(manager.limits());
-        self.destinations.push((id.into(), kind.into(), manager, settings));
+        self.destinations
+            .push((id.into(), kind.into(), manager, settings));
         self
     }
 
@@ -326,7 +338,8 @@ async fn maintenance(
         match shared.store.reclaim_expired(now).await {
             Ok(r) if r.jobs_released + r.imports_released > 0 => {
                 tracing::warn!(
-                    jobs = r.jobs_released, imports = r.imports_released,
+                    jobs = r.jobs_released,
+                    imports = r.imports_released,
                     "Took back work whose lease expired (its holder stopped renewing)."
                 );
                 for d in dests.values() {
@@ -349,7 +362,11 @@ async fn maintenance(
     }
 }
 
-async fn refresh_gauges(shared: &Shared, dests: &BTreeMap<String, Arc<Destination>>, metrics: &Metrics) {
+async fn refresh_gauges(
+    shared: &Shared,
+    dests: &BTreeMap<String, Arc<Destination>>,
+    metrics: &Metrics,
+) {
     let counts = match shared.store.destination_counts().await {
         Ok(c) => c,
         Err(e) => {
@@ -391,6 +408,9 @@ async fn sweep(shared: &Shared, before: Timestamp) {
         }
     }
     if total > 0 {
-        tracing::info!(deleted = total, "Retention sweep deleted old terminal jobs.");
+        tracing::info!(
+            deleted = total,
+            "Retention sweep deleted old terminal jobs."
+        );
     }
 }

@@ -52,20 +52,30 @@ pub struct Metrics {
 fn counter(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntCounterVec {
     let labels: Vec<&str> = DEST.iter().chain(extra).copied().collect();
     let c = IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntGaugeVec {
     let labels: Vec<&str> = DEST.iter().chain(extra).copied().collect();
     let g = IntGaugeVec::new(Opts::new(name, help), &labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("metric registered once");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
     g
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
-    r.register(Box::new(h.clone())).expect("metric registered once");
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
@@ -74,38 +84,96 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new_custom(Some("batchrouter".into()), None).expect("valid prefix");
         Arc::new(Metrics {
-            jobs_received: counter(&r, "jobs_received_total", "Jobs accepted into the store.", &[]),
-            jobs_total: counter(&r, "jobs_total", "Jobs that reached a terminal state.", &["state"]),
-            jobs_in_state: gauge(&r, "jobs_in_state", "Jobs currently in each state.", &["state"]),
+            jobs_received: counter(
+                &r,
+                "jobs_received_total",
+                "Jobs accepted into the store.",
+                &[],
+            ),
+            jobs_total: counter(
+                &r,
+                "jobs_total",
+                "Jobs that reached a terminal state.",
+                &["state"],
+            ),
+            jobs_in_state: gauge(
+                &r,
+                "jobs_in_state",
+                "Jobs currently in each state.",
+                &["state"],
+            ),
             uploads_total: counter(&r, "uploads_total", "Uploads by result.", &["result"]),
             upload_duration: histogram(
                 &r,
                 "upload_duration_seconds",
                 "Duration of upload calls.",
                 DEST,
-                vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 900.0,
+                ],
             ),
-            upload_bytes: counter(&r, "upload_bytes_total", "Staged bytes handed to uploads.", &[]),
-            staged_jobs: counter(&r, "staged_jobs_total", "Jobs written to staging files.", &[]),
-            polls_total: counter(&r, "polls_total", "Polls of imports in flight by result.", &["result"]),
-            imports_in_progress: gauge(&r, "imports_in_progress", "Imports pending or processing.", &[]),
+            upload_bytes: counter(
+                &r,
+                "upload_bytes_total",
+                "Staged bytes handed to uploads.",
+                &[],
+            ),
+            staged_jobs: counter(
+                &r,
+                "staged_jobs_total",
+                "Jobs written to staging files.",
+                &[],
+            ),
+            polls_total: counter(
+                &r,
+                "polls_total",
+                "Polls of imports in flight by result.",
+                &["result"],
+            ),
+            imports_in_progress: gauge(
+                &r,
+                "imports_in_progress",
+                "Imports pending or processing.",
+                &[],
+            ),
             job_latency: histogram(
                 &r,
                 "job_latency_seconds",
                 "Time from job creation to its terminal state.",
                 DEST,
-                vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0, 86400.0],
+                vec![
+                    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                    10800.0, 86400.0,
+                ],
             ),
             store_op_duration: histogram(
                 &r,
                 "store_op_duration_seconds",
                 "Duration of job store operations.",
                 &["op"],
-                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ],
             ),
-            destination_requests: counter(&r, "destination_requests_total", "Requests to destinations by status.", &["status"]),
-            retries_total: counter(&r, "retries_total", "Jobs scheduled for another attempt.", &[]),
-            job_errors: counter(&r, "job_errors_total", "Failed and aborted job transitions by error code.", &["code"]),
+            destination_requests: counter(
+                &r,
+                "destination_requests_total",
+                "Requests to destinations by status.",
+                &["status"],
+            ),
+            retries_total: counter(
+                &r,
+                "retries_total",
+                "Jobs scheduled for another attempt.",
+                &[],
+            ),
+            job_errors: counter(
+                &r,
+                "job_errors_total",
+                "Failed and aborted job transitions by error code.",
+                &["code"],
+            ),
             unmatched_results: counter(
                 &r,
                 "unmatched_results_total",
@@ -138,7 +206,11 @@ impl Metrics {
     }
 
     /// Telemetry handle for a destination's manager, labels bound.
-    pub fn telemetry(self: &Arc<Self>, destination_type: &str, destination_id: &str) -> Arc<dyn DestinationTelemetry> {
+    pub fn telemetry(
+        self: &Arc<Self>,
+        destination_type: &str,
+        destination_id: &str,
+    ) -> Arc<dyn DestinationTelemetry> {
         Arc::new(BoundTelemetry {
             metrics: self.clone(),
             labels: [destination_type.to_string(), destination_id.to_string()],

@@ -30,7 +30,13 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
         let now = Timestamp::now();
         let claimed = match shared
             .store
-            .claim_due_imports(&dest.id, &shared.owner, CLAIM_LIMIT, now, now + s.lease_timeout)
+            .claim_due_imports(
+                &dest.id,
+                &shared.owner,
+                CLAIM_LIMIT,
+                now,
+                now + s.lease_timeout,
+            )
             .await
         {
             Ok(v) => v,
@@ -98,12 +104,30 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             poll_errors: imp.poll_errors,
         }
         .emit(&dest.events);
-        finish(dest, shared, &imp, &infos, ImportState::Failed, Some(error), transitions).await;
+        finish(
+            dest,
+            shared,
+            &imp,
+            &infos,
+            ImportState::Failed,
+            Some(error),
+            transitions,
+        )
+        .await;
         return;
     }
     if infos.is_empty() {
         // Every job was decided elsewhere (e.g. re-driven); nothing to poll.
-        finish(dest, shared, &imp, &infos, ImportState::Completed, None, Vec::new()).await;
+        finish(
+            dest,
+            shared,
+            &imp,
+            &infos,
+            ImportState::Completed,
+            None,
+            Vec::new(),
+        )
+        .await;
         return;
     }
     let handle = ImportHandle {
@@ -133,7 +157,16 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
                 poll_errors: imp.poll_errors,
             }
             .emit(&dest.events);
-            reschedule(dest, shared, &imp, ImportState::Processing, progress, None, s.poll_interval).await;
+            reschedule(
+                dest,
+                shared,
+                &imp,
+                ImportState::Processing,
+                progress,
+                None,
+                s.poll_interval,
+            )
+            .await;
         }
         Ok(PollStatus::Failed { retryable, error }) => {
             PollFinished {
@@ -152,17 +185,32 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
                     to: if retryable {
                         retry::after_failure(s, j, error.clone(), now, None, fastrand::f64())
                     } else {
-                        Transition::Aborted { error: error.clone() }
+                        Transition::Aborted {
+                            error: error.clone(),
+                        }
                     },
                 })
                 .collect();
-            finish(dest, shared, &imp, &infos, ImportState::Failed, Some(error), transitions).await;
+            finish(
+                dest,
+                shared,
+                &imp,
+                &infos,
+                ImportState::Failed,
+                Some(error),
+                transitions,
+            )
+            .await;
         }
         Ok(PollStatus::Complete { has_failures }) => {
             let stats = if has_failures {
-                match tokio::time::timeout(s.upload_timeout, dest.manager.get_upload_stats(&handle)).await {
+                match tokio::time::timeout(s.upload_timeout, dest.manager.get_upload_stats(&handle))
+                    .await
+                {
                     Ok(r) => r,
-                    Err(_) => Err(DestinationError::retryable("fetching upload stats timed out")),
+                    Err(_) => Err(DestinationError::retryable(
+                        "fetching upload stats timed out",
+                    )),
                 }
             } else {
                 Ok(UploadStats::default())
@@ -185,7 +233,13 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
     }
 }
 
-async fn poll_error(dest: &Destination, shared: &Shared, imp: &ImportRecord, e: &DestinationError, what: &str) {
+async fn poll_error(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    e: &DestinationError,
+    what: &str,
+) {
     let error = JobError::new(e.code(), format!("{what} failed: {}", e.message()));
     PollFinished {
         import_id: imp.id,
@@ -229,11 +283,19 @@ async fn reschedule(
             count: 1,
         }
         .emit(&dest.events),
-        Err(e) => tracing::warn!(destination_id = %dest.id, import_id = imp.id, error = %e, "Could not record poll result."),
+        Err(e) => {
+            tracing::warn!(destination_id = %dest.id, import_id = imp.id, error = %e, "Could not record poll result.")
+        }
     }
 }
 
-async fn apply_stats(dest: &Destination, shared: &Shared, imp: &ImportRecord, infos: &[AttemptInfo], stats: UploadStats) {
+async fn apply_stats(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    infos: &[AttemptInfo],
+    stats: UploadStats,
+) {
     let s = &dest.settings;
     let now = Timestamp::now();
     let by_id: HashMap<JobId, &AttemptInfo> = infos.iter().map(|j| (j.job_id, j)).collect();
@@ -274,7 +336,9 @@ async fn apply_stats(dest: &Destination, shared: &Shared, imp: &ImportRecord, in
                     note: None,
                     external_id: None,
                 },
-                Some(Outcome::Succeeded { note, external_id }) => Transition::Succeeded { note, external_id },
+                Some(Outcome::Succeeded { note, external_id }) => {
+                    Transition::Succeeded { note, external_id }
+                }
                 Some(Outcome::Aborted(error)) => Transition::Aborted { error },
                 Some(Outcome::Failed(error)) | Some(Outcome::Throttled(error)) => {
                     retry::after_failure(s, j, error, now, None, fastrand::f64())
@@ -283,7 +347,10 @@ async fn apply_stats(dest: &Destination, shared: &Shared, imp: &ImportRecord, in
             if matches!(to, Transition::Succeeded { .. }) {
                 ok += 1;
             }
-            JobTransition { job_id: j.job_id, to }
+            JobTransition {
+                job_id: j.job_id,
+                to,
+            }
         })
         .collect();
     let state = if ok == infos.len() {
@@ -329,7 +396,8 @@ async fn finish(
                 count: report.rejected.len(),
             }
             .emit(&dest.events);
-            let created: BTreeMap<JobId, Timestamp> = infos.iter().map(|j| (j.job_id, j.created_at)).collect();
+            let created: BTreeMap<JobId, Timestamp> =
+                infos.iter().map(|j| (j.job_id, j.created_at)).collect();
             let applied: Vec<JobTransition> = transitions
                 .into_iter()
                 .filter(|t| !report.rejected.contains(&t.job_id))

@@ -104,18 +104,32 @@ mod tests {
         let err = JobError::new(ErrorCode::DestinationUnavailable, "HTTP 503");
         let now = Timestamp(1000);
         for attempts in 1..=3 {
-            assert!(matches!(after_failure(&s, &info(attempts, 0, 0), err.clone(), now, None, 0.5), Transition::Failed { .. }));
+            assert!(matches!(
+                after_failure(&s, &info(attempts, 0, 0), err.clone(), now, None, 0.5),
+                Transition::Failed { .. }
+            ));
         }
         match after_failure(&s, &info(4, 0, 0), err.clone(), now, None, 0.5) {
             Transition::Aborted { error } => {
                 assert_eq!(error.code, ErrorCode::RetriesExhausted);
-                assert!(error.message.contains("4 upload attempt(s)"), "{}", error.message);
-                assert!(error.message.contains("HTTP 503"), "last reason kept: {}", error.message);
+                assert!(
+                    error.message.contains("4 upload attempt(s)"),
+                    "{}",
+                    error.message
+                );
+                assert!(
+                    error.message.contains("HTTP 503"),
+                    "last reason kept: {}",
+                    error.message
+                );
             }
             other => panic!("expected abort, got {other:?}"),
         }
         // A re-drive gives a fresh budget while attempts keep the history.
-        assert!(matches!(after_failure(&s, &info(5, 4, 0), err, now, None, 0.5), Transition::Failed { .. }));
+        assert!(matches!(
+            after_failure(&s, &info(5, 4, 0), err, now, None, 0.5),
+            Transition::Failed { .. }
+        ));
     }
 
     #[test]
@@ -123,10 +137,15 @@ mod tests {
         let s = settings();
         let err = JobError::new(ErrorCode::Throttled, "429");
         let late = Timestamp(3_600_000);
-        assert!(matches!(after_failure(&s, &info(1, 0, 0), err.clone(), late, None, 0.0), Transition::Aborted { .. }));
+        assert!(matches!(
+            after_failure(&s, &info(1, 0, 0), err.clone(), late, None, 0.0),
+            Transition::Aborted { .. }
+        ));
         let now = Timestamp(10_000);
         match after_failure(&s, &info(1, 0, 0), err, now, Some(Timestamp(100_000)), 0.0) {
-            Transition::Failed { next_attempt_at, .. } => assert_eq!(next_attempt_at, Timestamp(100_000)),
+            Transition::Failed {
+                next_attempt_at, ..
+            } => assert_eq!(next_attempt_at, Timestamp(100_000)),
             other => panic!("{other:?}"),
         }
     }

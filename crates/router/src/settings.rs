@@ -90,8 +90,12 @@ pub struct RouterSettings {
 impl Default for RouterSettings {
     fn default() -> Self {
         let empty = std::collections::BTreeMap::new();
-        RouterSettings::resolve(&KeyLookup::new(&batchrouter_core::lookup::EmptySource, "", &empty))
-            .expect("built-in defaults are valid")
+        RouterSettings::resolve(&KeyLookup::new(
+            &batchrouter_core::lookup::EmptySource,
+            "",
+            &empty,
+        ))
+        .expect("built-in defaults are valid")
     }
 }
 
@@ -101,7 +105,9 @@ impl Default for RouterSettings {
 pub struct SettingsError(pub Vec<String>);
 
 fn spec(name: &str) -> &'static KeySpec {
-    KEYS.iter().find(|k| k.name == name).expect("key declared in KEYS")
+    KEYS.iter()
+        .find(|k| k.name == name)
+        .expect("key declared in KEYS")
 }
 
 /// Looks keys up by their declared kind, keeping every problem.
@@ -119,19 +125,25 @@ impl Resolver<'_, '_> {
     }
 
     fn count(&mut self, name: &str) -> u64 {
-        let KeyKind::Count(d) = spec(name).kind else { unreachable!("{name} is a count") };
+        let KeyKind::Count(d) = spec(name).kind else {
+            unreachable!("{name} is a count")
+        };
         let r = self.lookup.count(name, d);
         self.keep(r, d)
     }
 
     fn bytes(&mut self, name: &str) -> u64 {
-        let KeyKind::Bytes(d) = spec(name).kind else { unreachable!("{name} is a byte size") };
+        let KeyKind::Bytes(d) = spec(name).kind else {
+            unreachable!("{name} is a byte size")
+        };
         let r = self.lookup.bytes(name, d);
         self.keep(r, d)
     }
 
     fn duration(&mut self, name: &str) -> Duration {
-        let KeyKind::Duration(d, unit) = spec(name).kind else { unreachable!("{name} is a duration") };
+        let KeyKind::Duration(d, unit) = spec(name).kind else {
+            unreachable!("{name} is a duration")
+        };
         let r = self.lookup.duration(name, d, unit);
         self.keep(r, d)
     }
@@ -176,7 +188,10 @@ impl RouterSettings {
             p.push("maxEventsInABatch must be at least 1".to_string());
         }
         if self.max_upload_bytes < 1024 {
-            p.push(format!("MaxUploadLimit must be at least 1KiB (got {})", ByteSize(self.max_upload_bytes)));
+            p.push(format!(
+                "MaxUploadLimit must be at least 1KiB (got {})",
+                ByteSize(self.max_upload_bytes)
+            ));
         }
         if self.max_concurrent_imports == 0 {
             p.push("maxConcurrentImports must be at least 1".to_string());
@@ -219,7 +234,10 @@ impl RouterSettings {
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         vec![
             ("maxEventsInABatch", self.max_events_in_batch.to_string()),
-            ("MaxUploadLimit", ByteSize(self.max_upload_bytes).to_string()),
+            (
+                "MaxUploadLimit",
+                ByteSize(self.max_upload_bytes).to_string(),
+            ),
             ("uploadFreq", fmt_duration(self.upload_freq)),
             ("minIdleSleep", fmt_duration(self.min_idle_sleep)),
             ("pollStatusLoopSleep", fmt_duration(self.poll_interval)),
@@ -229,7 +247,10 @@ impl RouterSettings {
             ("retryTimeWindow", fmt_duration(self.retry_time_window)),
             ("asyncUploadTimeout", fmt_duration(self.upload_timeout)),
             ("asyncImportDeadline", fmt_duration(self.import_deadline)),
-            ("maxConcurrentImports", self.max_concurrent_imports.to_string()),
+            (
+                "maxConcurrentImports",
+                self.max_concurrent_imports.to_string(),
+            ),
             ("leaseTimeout", fmt_duration(self.lease_timeout)),
             ("shutdownTimeout", fmt_duration(self.shutdown_timeout)),
             ("jobRetention", fmt_duration(self.job_retention)),
@@ -240,7 +261,12 @@ impl RouterSettings {
 /// Formats a duration the way config files write it (`30s`, `3h`, `250ms`).
 pub fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
         if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
@@ -274,20 +300,29 @@ mod tests {
     fn bare_numbers_use_each_keys_unit_and_all_problems_are_listed() {
         let mut src = BTreeMap::new();
         src.insert("BatchRouter.retryTimeWindow".to_string(), "90".to_string());
-        src.insert("BatchRouter.pollStatusLoopSleep".to_string(), "5".to_string());
+        src.insert(
+            "BatchRouter.pollStatusLoopSleep".to_string(),
+            "5".to_string(),
+        );
         let own = BTreeMap::new();
         let s = RouterSettings::resolve(&KeyLookup::new(&src, "HTTP", &own)).unwrap();
         assert_eq!(s.retry_time_window, Duration::from_secs(90 * 60));
         assert_eq!(s.poll_interval, Duration::from_secs(5));
 
         src.insert("BatchRouter.maxRetries".to_string(), "many".to_string());
-        src.insert("BatchRouter.HTTP.MaxUploadLimit".to_string(), "12 parsecs".to_string());
+        src.insert(
+            "BatchRouter.HTTP.MaxUploadLimit".to_string(),
+            "12 parsecs".to_string(),
+        );
         src.insert("BatchRouter.minRetryBackoff".to_string(), "10m".to_string());
         let err = RouterSettings::resolve(&KeyLookup::new(&src, "HTTP", &own)).unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");
         assert!(err.to_string().contains("maxRetries"), "{err}");
         assert!(err.to_string().contains("MaxUploadLimit"), "{err}");
-        assert!(err.to_string().contains("must not exceed maxRetryBackoff"), "{err}");
+        assert!(
+            err.to_string().contains("must not exceed maxRetryBackoff"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -310,7 +345,11 @@ mod tests {
 
     #[test]
     fn every_key_is_described() {
-        let described: Vec<_> = RouterSettings::default().describe().into_iter().map(|(k, _)| k).collect();
+        let described: Vec<_> = RouterSettings::default()
+            .describe()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         let declared: Vec<_> = KEYS.iter().map(|k| k.name).collect();
         assert_eq!(described, declared);
     }

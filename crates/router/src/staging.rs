@@ -55,7 +55,13 @@ impl StagingFile {
         std::fs::create_dir_all(dir)?;
         let safe: String = destination_id
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let (file, path) = tempfile::Builder::new()
             .prefix(&format!("{safe}-"))
@@ -127,7 +133,8 @@ impl StagingFile {
             let line = match manager.transform(&job) {
                 Ok(line) => line,
                 Err(e) => {
-                    out.aborted.push(abort(job.id, ErrorCode::TransformFailed, e.to_string()));
+                    out.aborted
+                        .push(abort(job.id, ErrorCode::TransformFailed, e.to_string()));
                     continue;
                 }
             };
@@ -135,7 +142,8 @@ impl StagingFile {
                 out.aborted.push(abort(
                     job.id,
                     ErrorCode::TransformFailed,
-                    "destination produced a line containing a newline (bug in its transform)".into(),
+                    "destination produced a line containing a newline (bug in its transform)"
+                        .into(),
                 ));
                 continue;
             }
@@ -223,7 +231,10 @@ mod tests {
         async fn poll(&self, _: &ImportHandle) -> Result<PollStatus, DestinationError> {
             unreachable!()
         }
-        async fn get_upload_stats(&self, _: &ImportHandle) -> Result<UploadStats, DestinationError> {
+        async fn get_upload_stats(
+            &self,
+            _: &ImportHandle,
+        ) -> Result<UploadStats, DestinationError> {
             unreachable!()
         }
     }
@@ -251,14 +262,29 @@ mod tests {
             max_bytes: 12,
         };
         let big = "x".repeat(20);
-        let jobs = vec![job(1, "aaa"), job(2, "bad"), job(3, "nl"), job(4, &big), job(5, "bbb"), job(6, "ccc"), job(7, "ddd")];
+        let jobs = vec![
+            job(1, "aaa"),
+            job(2, "bad"),
+            job(3, "nl"),
+            job(4, &big),
+            job(5, "bbb"),
+            job(6, "ccc"),
+            job(7, "ddd"),
+        ];
         let r = f.stage(&m, vec![], jobs, limits, Timestamp(5)).unwrap();
-        assert_eq!(f.job_ids(), vec![1, 5, 6], "12 bytes hold three 4-byte lines");
+        assert_eq!(
+            f.job_ids(),
+            vec![1, 5, 6],
+            "12 bytes hold three 4-byte lines"
+        );
         assert_eq!(f.bytes, 12);
         assert_eq!(f.first_line_at, Some(Timestamp(5)));
         let aborted: Vec<_> = r.aborted.iter().map(|t| t.job_id).collect();
         assert_eq!(aborted, vec![2, 3, 4]);
-        assert_eq!(r.carry.iter().map(|c| c.info.job_id).collect::<Vec<_>>(), vec![7]);
+        assert_eq!(
+            r.carry.iter().map(|c| c.info.job_id).collect::<Vec<_>>(),
+            vec![7]
+        );
         let (path, jobs, bytes) = f.finish().unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "aaa\nbbb\nccc\n");
         assert_eq!((jobs.len(), bytes), (3, 12));
@@ -266,7 +292,9 @@ mod tests {
         drop(path);
         assert!(!p.exists(), "staged files are deleted when done");
         let mut next = StagingFile::create(dir.path(), "dest/1").unwrap();
-        let r = next.stage(&m, r.carry, vec![], limits, Timestamp(9)).unwrap();
+        let r = next
+            .stage(&m, r.carry, vec![], limits, Timestamp(9))
+            .unwrap();
         assert!(r.carry.is_empty());
         assert_eq!(next.job_ids(), vec![7]);
     }

@@ -10,13 +10,15 @@ use batchrouter_core::store::{
     AttemptInfo, ImportToCreate, JobTransition, SlotId, Transition, UploadCommit,
 };
 use batchrouter_core::{
-    validate_upload_output, ErrorCode, JobError, JobId, Outcome, StagedBatch, StoreError, Timestamp,
-    UploadOutput,
+    validate_upload_output, ErrorCode, JobError, JobId, Outcome, StagedBatch, StoreError,
+    Timestamp, UploadOutput,
 };
 use tempfile::TempPath;
 use tokio::task::JoinSet;
 
-use crate::events::{BatchStaged, FencedWritesRejected, StateChanges, UploadFinished, UploadResult};
+use crate::events::{
+    BatchStaged, FencedWritesRejected, StateChanges, UploadFinished, UploadResult,
+};
 use crate::retry;
 use crate::staging::{batch_id, Carry, CutLimits, StagingFile};
 use crate::{Destination, Shared};
@@ -49,7 +51,11 @@ impl Held {
             return;
         }
         let until = now + lease;
-        match shared.store.extend_job_leases(&shared.owner, ids, until).await {
+        match shared
+            .store
+            .extend_job_leases(&shared.owner, ids, until)
+            .await
+        {
             Ok(n) => {
                 self.lease_until = until;
                 if n < ids.len() {
@@ -60,7 +66,9 @@ impl Held {
                     .emit(&dest.events);
                 }
             }
-            Err(e) => tracing::warn!(destination_id = %dest.id, error = %e, "Could not renew job leases."),
+            Err(e) => {
+                tracing::warn!(destination_id = %dest.id, error = %e, "Could not renew job leases.")
+            }
         }
     }
 }
@@ -120,8 +128,14 @@ async fn release(dest: &Destination, shared: &Shared, ids: &[JobId]) {
     if ids.is_empty() {
         return;
     }
-    match shared.store.release_jobs(&shared.owner, ids, Timestamp::now()).await {
-        Ok(n) => tracing::info!(destination_id = %dest.id, jobs = n, "Released claimed jobs back to waiting."),
+    match shared
+        .store
+        .release_jobs(&shared.owner, ids, Timestamp::now())
+        .await
+    {
+        Ok(n) => {
+            tracing::info!(destination_id = %dest.id, jobs = n, "Released claimed jobs back to waiting.")
+        }
         Err(e) => tracing::warn!(
             destination_id = %dest.id, error = %e,
             "Could not release claimed jobs; they return when their lease expires."
@@ -204,7 +218,9 @@ async fn build_batch(
                     tokio::task::spawn_blocking(move || StagingFile::create(&dir, "batch"))
                         .await
                         .map_err(|e| StoreError::Backend(e.to_string()))?
-                        .map_err(|e| StoreError::Backend(format!("cannot create staging file: {e}")))?
+                        .map_err(|e| {
+                            StoreError::Backend(format!("cannot create staging file: {e}"))
+                        })?
                 }
             };
             let manager = dest.manager.clone();
@@ -247,14 +263,19 @@ async fn build_batch(
             Some("count")
         } else if !carry.is_empty() || f.bytes >= limits.max_bytes {
             Some("bytes")
-        } else if f.first_line_at.is_some_and(|t| now.since(t) >= s.upload_freq) {
+        } else if f
+            .first_line_at
+            .is_some_and(|t| now.since(t) >= s.upload_freq)
+        {
             Some("time")
         } else {
             None
         };
         if let Some(cut) = cut {
             let f = file.take().expect("file present");
-            let created_at = f.first_line_at.unwrap_or(now);
+            // The earliest job's creation time: the same for a retry of the
+            // same jobs, so date macros in remote paths do not move.
+            let created_at = f.jobs.iter().map(|j| j.created_at).min().unwrap_or(now);
             let (path, jobs, bytes) = tokio::task::spawn_blocking(move || f.finish())
                 .await
                 .map_err(|e| StoreError::Backend(e.to_string()))?
@@ -299,7 +320,11 @@ async fn build_batch(
     }
 }
 
-async fn persist_pre_upload_aborts(dest: &Destination, shared: &Shared, aborted: Vec<JobTransition>) {
+async fn persist_pre_upload_aborts(
+    dest: &Destination,
+    shared: &Shared,
+    aborted: Vec<JobTransition>,
+) {
     let now = Timestamp::now();
     match shared
         .store
@@ -361,7 +386,9 @@ async fn acquire_slot(
                 return Some((slot, staged));
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(destination_id = %dest.id, error = %e, "Could not take an upload slot."),
+            Err(e) => {
+                tracing::warn!(destination_id = %dest.id, error = %e, "Could not take an upload slot.")
+            }
         }
         let mut ids: Vec<JobId> = staged.jobs.iter().map(|j| j.job_id).collect();
         ids.extend(carry.iter().map(|c| c.info.job_id));
@@ -438,7 +465,10 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
                             .map(|&id| {
                                 (
                                     id,
-                                    Outcome::Failed(JobError::new(ErrorCode::InvalidOutput, violation.to_string())),
+                                    Outcome::Failed(JobError::new(
+                                        ErrorCode::InvalidOutput,
+                                        violation.to_string(),
+                                    )),
                                 )
                             })
                             .collect(),
@@ -586,7 +616,11 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
 
 /// Commits with a few retries: losing an upload's outcome means the jobs are
 /// uploaded again later, so a transient store error deserves another try.
-async fn commit_with_retry(dest: &Destination, shared: &Shared, commit: UploadCommit) -> Option<batchrouter_core::store::CommitReport> {
+async fn commit_with_retry(
+    dest: &Destination,
+    shared: &Shared,
+    commit: UploadCommit,
+) -> Option<batchrouter_core::store::CommitReport> {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
         match shared.store.commit_upload(commit.clone()).await {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{ErrorCode, JobState, JobStore, NewJob, Timestamp};
+use batchrouter_router::RouterSettings;
 use batchrouter_testkit::http::{Fault, HttpStandIn};
 use batchrouter_testkit::jobs::{malformed_job, numbered_jobs};
-use batchrouter_router::RouterSettings;
 use common::*;
 use serde_json::json;
 
@@ -22,8 +22,14 @@ async fn ten_thousand_jobs_across_two_destinations_arrive_exactly_once() {
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let a = HttpStandIn::start().await;
     let b = HttpStandIn::start().await;
-    store.insert_jobs(numbered_jobs("a", "a", 5_000), Timestamp::now()).await.unwrap();
-    store.insert_jobs(numbered_jobs("b", "b", 5_000), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("a", "a", 5_000), Timestamp::now())
+        .await
+        .unwrap();
+    store
+        .insert_jobs(numbered_jobs("b", "b", 5_000), Timestamp::now())
+        .await
+        .unwrap();
     let settings = RouterSettings {
         max_events_in_batch: 1_000,
         ..fast()
@@ -32,17 +38,38 @@ async fn ten_thousand_jobs_across_two_destinations_arrive_exactly_once() {
         store.clone(),
         dir.path(),
         vec![
-            ("a", "HTTP", http_manager("a", json!({"url": a.url(), "maxBatchSize": 250})), settings.clone()),
-            ("b", "HTTP", http_manager("b", json!({"url": b.url(), "mode": "single", "maxInFlight": 16})), settings),
+            (
+                "a",
+                "HTTP",
+                http_manager("a", json!({"url": a.url(), "maxBatchSize": 250})),
+                settings.clone(),
+            ),
+            (
+                "b",
+                "HTTP",
+                http_manager(
+                    "b",
+                    json!({"url": b.url(), "mode": "single", "maxInFlight": 16}),
+                ),
+                settings,
+            ),
         ],
     )
     .await;
     for (dest, standin, prefix) in [("a", &a, "a"), ("b", &b, "b")] {
         let c = settle(&store, dest, LIMIT).await;
-        assert_eq!(n(&c, JobState::Succeeded), 5_000, "{dest}: {:?}", readable(&c));
+        assert_eq!(
+            n(&c, JobState::Succeeded),
+            5_000,
+            "{dest}: {:?}",
+            readable(&c)
+        );
         let accepted = standin.accepted();
         assert_eq!(accepted.len(), 5_000, "{dest}: every record arrived");
-        assert!(accepted.values().all(|&v| v == 1), "{dest}: no record arrived twice");
+        assert!(
+            accepted.values().all(|&v| v == 1),
+            "{dest}: no record arrived twice"
+        );
         assert!(accepted.contains_key(&format!("{prefix}-4999")));
     }
     assert_eq!(a.requests(), 20, "5,000 records in arrays of 250");
@@ -70,38 +97,75 @@ async fn mixed_outcomes_each_get_their_own_reason() {
     // 503 once, then fine.
     let flaky = HttpStandIn::start().await;
     flaky.push_fault(Fault::status(503));
-    let flaky_ids = store.insert_jobs(numbered_jobs("flaky", "f", 10), now).await.unwrap();
+    let flaky_ids = store
+        .insert_jobs(numbered_jobs("flaky", "f", 10), now)
+        .await
+        .unwrap();
 
     // Always 500.
     let down = HttpStandIn::start().await;
     down.set_default(Some(Fault::status(500)));
-    let down_ids = store.insert_jobs(numbered_jobs("down", "d", 4), now).await.unwrap();
+    let down_ids = store
+        .insert_jobs(numbered_jobs("down", "d", 4), now)
+        .await
+        .unwrap();
 
     let router = start(
         store.clone(),
         dir.path(),
         vec![
-            ("picky", "HTTP", http_manager("picky", json!({"url": picky.url(), "mode": "single"})), fast()),
-            ("flaky", "HTTP", http_manager("flaky", json!({"url": flaky.url()})), fast()),
-            ("down", "HTTP", http_manager("down", json!({"url": down.url()})), fast()),
+            (
+                "picky",
+                "HTTP",
+                http_manager("picky", json!({"url": picky.url(), "mode": "single"})),
+                fast(),
+            ),
+            (
+                "flaky",
+                "HTTP",
+                http_manager("flaky", json!({"url": flaky.url()})),
+                fast(),
+            ),
+            (
+                "down",
+                "HTTP",
+                http_manager("down", json!({"url": down.url()})),
+                fast(),
+            ),
         ],
     )
     .await;
 
     let c = settle(&store, "picky", LIMIT).await;
-    assert_eq!((n(&c, JobState::Succeeded), n(&c, JobState::Aborted)), (20, 8), "{:?}", readable(&c));
+    assert_eq!(
+        (n(&c, JobState::Succeeded), n(&c, JobState::Aborted)),
+        (20, 8),
+        "{:?}",
+        readable(&c)
+    );
     for id in 1..=28 {
         let j = store.get_job(id).await.unwrap().unwrap();
         if id <= 20 {
             assert_eq!(j.state, JobState::Succeeded);
         } else if id <= 25 {
             let e = j.error.expect("reason");
-            assert_eq!((j.state, e.code), (JobState::Aborted, ErrorCode::DestinationRejected));
-            assert!(e.message.contains("HTTP 400") && e.message.contains(&format!("reject-{}", id - 21)), "{}", e.message);
+            assert_eq!(
+                (j.state, e.code),
+                (JobState::Aborted, ErrorCode::DestinationRejected)
+            );
+            assert!(
+                e.message.contains("HTTP 400")
+                    && e.message.contains(&format!("reject-{}", id - 21)),
+                "{}",
+                e.message
+            );
             assert_eq!(j.attempts, 1);
         } else {
             let e = j.error.expect("reason");
-            assert_eq!((j.state, e.code), (JobState::Aborted, ErrorCode::TransformFailed));
+            assert_eq!(
+                (j.state, e.code),
+                (JobState::Aborted, ErrorCode::TransformFailed)
+            );
             assert!(e.message.contains("not valid JSON"), "{}", e.message);
             assert_eq!(j.attempts, 0, "never uploaded");
         }
@@ -119,7 +183,11 @@ async fn mixed_outcomes_each_get_their_own_reason() {
     let j = store.get_job(down_ids[0].job_id).await.unwrap().unwrap();
     let e = j.error.unwrap();
     assert_eq!(e.code, ErrorCode::RetriesExhausted);
-    assert!(e.message.contains("HTTP 500"), "last reason kept: {}", e.message);
+    assert!(
+        e.message.contains("HTTP 500"),
+        "last reason kept: {}",
+        e.message
+    );
     assert_eq!(j.attempts, 4, "1 + maxRetries uploads");
     assert_eq!(down.requests(), 4);
     router.shutdown().await;
@@ -131,7 +199,10 @@ async fn throttling_pauses_without_spending_attempts() {
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let s = HttpStandIn::start().await;
     s.push_fault(Fault::status(429).with_retry_after("1"));
-    store.insert_jobs(numbered_jobs("t", "t", 50), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("t", "t", 50), Timestamp::now())
+        .await
+        .unwrap();
     let settings = RouterSettings {
         max_retries: 0,
         ..fast()
@@ -140,18 +211,33 @@ async fn throttling_pauses_without_spending_attempts() {
     let router = start(
         store.clone(),
         dir.path(),
-        vec![("t", "HTTP", http_manager("t", json!({"url": s.url(), "maxBatchSize": 10})), settings)],
+        vec![(
+            "t",
+            "HTTP",
+            http_manager("t", json!({"url": s.url(), "maxBatchSize": 10})),
+            settings,
+        )],
     )
     .await;
     let c = settle(&store, "t", LIMIT).await;
     assert_eq!(n(&c, JobState::Succeeded), 50, "{:?}", readable(&c));
-    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After honoured");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
     for id in 1..=50 {
         let j = store.get_job(id).await.unwrap().unwrap();
-        assert_eq!(j.attempts, 1, "a throttled upload does not spend the budget (maxRetries = 0)");
+        assert_eq!(
+            j.attempts, 1,
+            "a throttled upload does not spend the budget (maxRetries = 0)"
+        );
     }
     assert_eq!(s.accepted().len(), 50);
-    assert_eq!(s.requests(), 6, "one throttled request, then five arrays of ten");
+    assert_eq!(
+        s.requests(),
+        6,
+        "one throttled request, then five arrays of ten"
+    );
     router.shutdown().await;
 }
 
@@ -160,8 +246,14 @@ async fn batches_are_cut_by_count_bytes_and_time() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let now = Timestamp::now();
-    store.insert_jobs(numbered_jobs("count", "c", 1_000), now).await.unwrap();
-    store.insert_jobs(numbered_jobs("bytes", "b", 300), now).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("count", "c", 1_000), now)
+        .await
+        .unwrap();
+    store
+        .insert_jobs(numbered_jobs("bytes", "b", 300), now)
+        .await
+        .unwrap();
     let by_count = Arc::new(Recording::default());
     let by_bytes = Arc::new(Recording::default());
     let by_time = Arc::new(Recording::default());
@@ -169,36 +261,89 @@ async fn batches_are_cut_by_count_bytes_and_time() {
         store.clone(),
         dir.path(),
         vec![
-            ("count", "TEST", by_count.clone(), RouterSettings { max_events_in_batch: 100, upload_freq: Duration::from_secs(30), ..fast() }),
-            ("bytes", "TEST", by_bytes.clone(), RouterSettings { max_upload_bytes: 4096, upload_freq: Duration::from_secs(30), ..fast() }),
-            ("time", "TEST", by_time.clone(), RouterSettings { upload_freq: Duration::from_millis(400), ..fast() }),
+            (
+                "count",
+                "TEST",
+                by_count.clone(),
+                RouterSettings {
+                    max_events_in_batch: 100,
+                    upload_freq: Duration::from_secs(30),
+                    ..fast()
+                },
+            ),
+            (
+                "bytes",
+                "TEST",
+                by_bytes.clone(),
+                RouterSettings {
+                    max_upload_bytes: 4096,
+                    upload_freq: Duration::from_secs(30),
+                    ..fast()
+                },
+            ),
+            (
+                "time",
+                "TEST",
+                by_time.clone(),
+                RouterSettings {
+                    upload_freq: Duration::from_millis(400),
+                    ..fast()
+                },
+            ),
         ],
     )
     .await;
     settle(&store, "count", LIMIT).await;
-    let sizes: Vec<usize> = by_count.batches.lock().unwrap().iter().map(Vec::len).collect();
+    let sizes: Vec<usize> = by_count
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .collect();
     assert_eq!(sizes, vec![100; 10], "count cut at maxEventsInABatch");
 
     settle(&store, "bytes", LIMIT).await;
     let bytes = by_bytes.batch_bytes.lock().unwrap().clone();
     let batches = by_bytes.batches.lock().unwrap().clone();
-    assert!(batches.len() >= 4, "300 lines of ~70 bytes need several 4 KiB files: {bytes:?}");
+    assert!(
+        batches.len() >= 4,
+        "300 lines of ~70 bytes need several 4 KiB files: {bytes:?}"
+    );
     let line = bytes[0] / batches[0].len() as u64;
     for (i, b) in bytes.iter().enumerate() {
         assert!(*b <= 4096, "batch {i} is {b} bytes");
         if i + 1 < bytes.len() {
-            assert!(*b + line > 4096 - line, "batch {i} was cut early: {b} bytes");
+            assert!(
+                *b + line > 4096 - line,
+                "batch {i} was cut early: {b} bytes"
+            );
         }
     }
     assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 300);
 
     let t0 = Instant::now();
-    store.insert_jobs(numbered_jobs("time", "t", 5), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("time", "t", 5), Timestamp::now())
+        .await
+        .unwrap();
     router.wake("time");
     settle(&store, "time", LIMIT).await;
     let waited = t0.elapsed();
-    assert_eq!(by_time.batches.lock().unwrap().iter().map(Vec::len).collect::<Vec<_>>(), vec![5]);
-    assert!(waited >= Duration::from_millis(400), "a small batch waits for uploadFreq: {waited:?}");
+    assert_eq!(
+        by_time
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Vec::len)
+            .collect::<Vec<_>>(),
+        vec![5]
+    );
+    assert!(
+        waited >= Duration::from_millis(400),
+        "a small batch waits for uploadFreq: {waited:?}"
+    );
     router.shutdown().await;
 }
 
@@ -207,17 +352,46 @@ async fn outputs_that_lose_or_duplicate_jobs_are_caught() {
     for behaviour in [Behaviour::OmitOne, Behaviour::DuplicateOne] {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-        store.insert_jobs(numbered_jobs("d", "x", 10), Timestamp::now()).await.unwrap();
+        store
+            .insert_jobs(numbered_jobs("d", "x", 10), Timestamp::now())
+            .await
+            .unwrap();
         let m = Arc::new(Recording::default());
         *m.behaviour.lock().unwrap() = behaviour.clone();
-        let router = start(store.clone(), dir.path(), vec![("d", "TEST", m.clone(), RouterSettings { max_retries: 1, ..fast() })]).await;
+        let router = start(
+            store.clone(),
+            dir.path(),
+            vec![(
+                "d",
+                "TEST",
+                m.clone(),
+                RouterSettings {
+                    max_retries: 1,
+                    ..fast()
+                },
+            )],
+        )
+        .await;
         let c = settle(&store, "d", LIMIT).await;
-        assert_eq!(n(&c, JobState::Aborted), 10, "{behaviour:?}: {:?}", readable(&c));
+        assert_eq!(
+            n(&c, JobState::Aborted),
+            10,
+            "{behaviour:?}: {:?}",
+            readable(&c)
+        );
         let j = store.get_job(1).await.unwrap().unwrap();
         let e = j.error.unwrap();
         assert_eq!(e.code, ErrorCode::RetriesExhausted);
-        assert!(e.message.contains("invalid_output"), "{behaviour:?}: {}", e.message);
-        assert_eq!(m.uploads.load(Ordering::SeqCst), 2, "1 + maxRetries uploads");
+        assert!(
+            e.message.contains("invalid_output"),
+            "{behaviour:?}: {}",
+            e.message
+        );
+        assert_eq!(
+            m.uploads.load(Ordering::SeqCst),
+            2,
+            "1 + maxRetries uploads"
+        );
         router.shutdown().await;
     }
 }
@@ -235,8 +409,16 @@ async fn restart_resumes_polling_without_uploading_again() {
     };
     {
         let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-        store.insert_jobs(numbered_jobs("d", "x", 25), Timestamp::now()).await.unwrap();
-        let router = start(store.clone(), dir.path(), vec![("d", "TEST", first.clone(), settings.clone())]).await;
+        store
+            .insert_jobs(numbered_jobs("d", "x", 25), Timestamp::now())
+            .await
+            .unwrap();
+        let router = start(
+            store.clone(),
+            dir.path(),
+            vec![("d", "TEST", first.clone(), settings.clone())],
+        )
+        .await;
         // One import in flight (sync mode), the next batch staged and waiting
         // for the slot: claimed but never uploaded.
         wait_for("an import in flight and a staged batch", LIMIT, || {
@@ -271,15 +453,31 @@ async fn restart_resumes_polling_without_uploading_again() {
     };
     let second = Arc::new(Recording::default());
     *second.behaviour.lock().unwrap() = Behaviour::Import { polls: 1 };
-    let router = start(store.clone(), dir.path(), vec![("d", "TEST", second.clone(), settings)]).await;
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", second.clone(), settings)],
+    )
+    .await;
     let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Succeeded), 25, "{:?}", readable(&c));
-    let uploaded_again: Vec<i64> = second.batches.lock().unwrap().iter().flatten().copied().collect();
+    let uploaded_again: Vec<i64> = second
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
     assert!(
         imported.iter().all(|id| !uploaded_again.contains(id)),
         "the import in flight was polled, not uploaded again"
     );
-    assert_eq!(uploaded_again.len(), 15, "claimed-but-not-uploaded jobs came back and were uploaded once");
+    assert_eq!(
+        uploaded_again.len(),
+        15,
+        "claimed-but-not-uploaded jobs came back and were uploaded once"
+    );
     assert!(second.polls.load(Ordering::SeqCst) >= 1);
     for id in &imported {
         let j = store.get_job(*id).await.unwrap().unwrap();
@@ -293,18 +491,38 @@ async fn jobs_held_by_a_dead_owner_come_back_after_lease_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let m = Arc::new(Recording::default());
-    let router = start(store.clone(), dir.path(), vec![("d", "TEST", m.clone(), fast())]).await;
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", m.clone(), fast())],
+    )
+    .await;
     let now = Timestamp::now();
-    store.insert_jobs(numbered_jobs("d", "x", 5), now).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("d", "x", 5), now)
+        .await
+        .unwrap();
     // Another (dead) process grabs them first with a short lease.
     let mut grabbed = Vec::new();
     while grabbed.is_empty() {
-        grabbed = store.claim_jobs("d", "ghost", 5, Timestamp::now(), Timestamp::now() + Duration::from_millis(800)).await.unwrap();
+        grabbed = store
+            .claim_jobs(
+                "d",
+                "ghost",
+                5,
+                Timestamp::now(),
+                Timestamp::now() + Duration::from_millis(800),
+            )
+            .await
+            .unwrap();
     }
     let t0 = Instant::now();
     let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Succeeded), 5);
-    assert!(t0.elapsed() >= Duration::from_millis(600), "not before the lease expired");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(600),
+        "not before the lease expired"
+    );
     let uploaded: usize = m.batches.lock().unwrap().iter().map(Vec::len).sum();
     assert_eq!(uploaded, 5, "each job uploaded once");
     router.shutdown().await;
@@ -315,7 +533,10 @@ async fn sync_mode_keeps_one_import_in_flight_and_async_pipelines() {
     for (max, expect_max) in [(1u32, 1usize), (3, 3)] {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-        store.insert_jobs(numbered_jobs("d", "x", 60), Timestamp::now()).await.unwrap();
+        store
+            .insert_jobs(numbered_jobs("d", "x", 60), Timestamp::now())
+            .await
+            .unwrap();
         let m = Arc::new(Recording::default());
         *m.behaviour.lock().unwrap() = Behaviour::Import { polls: 4 };
         let settings = RouterSettings {
@@ -323,7 +544,12 @@ async fn sync_mode_keeps_one_import_in_flight_and_async_pipelines() {
             max_concurrent_imports: max,
             ..fast()
         };
-        let router = start(store.clone(), dir.path(), vec![("d", "TEST", m.clone(), settings)]).await;
+        let router = start(
+            store.clone(),
+            dir.path(),
+            vec![("d", "TEST", m.clone(), settings)],
+        )
+        .await;
         let mut seen_max = 0;
         let t0 = Instant::now();
         loop {
@@ -335,7 +561,10 @@ async fn sync_mode_keeps_one_import_in_flight_and_async_pipelines() {
             assert!(t0.elapsed() < LIMIT, "{:?}", readable(&c));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(seen_max <= expect_max, "max {max}: saw {seen_max} imports in flight");
+        assert!(
+            seen_max <= expect_max,
+            "max {max}: saw {seen_max} imports in flight"
+        );
         if max > 1 {
             assert!(seen_max > 1, "async mode pipelines imports");
         }
@@ -349,30 +578,60 @@ async fn upload_timeouts_and_import_deadlines_fail_with_deadline_exceeded() {
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let slow = HttpStandIn::start().await;
     slow.push_fault(Fault::status(200).delayed(Duration::from_secs(3)));
-    store.insert_jobs(numbered_jobs("slow", "s", 3), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("slow", "s", 3), Timestamp::now())
+        .await
+        .unwrap();
     let stuck = Arc::new(Recording::default());
     *stuck.behaviour.lock().unwrap() = Behaviour::ImportForever;
-    store.insert_jobs(numbered_jobs("stuck", "k", 3), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("stuck", "k", 3), Timestamp::now())
+        .await
+        .unwrap();
     let router = start(
         store.clone(),
         dir.path(),
         vec![
-            ("slow", "HTTP", http_manager("slow", json!({"url": slow.url()})), RouterSettings { upload_timeout: Duration::from_millis(300), ..fast() }),
-            ("stuck", "TEST", stuck.clone(), RouterSettings { import_deadline: Duration::from_millis(300), max_retries: 1, ..fast() }),
+            (
+                "slow",
+                "HTTP",
+                http_manager("slow", json!({"url": slow.url()})),
+                RouterSettings {
+                    upload_timeout: Duration::from_millis(300),
+                    ..fast()
+                },
+            ),
+            (
+                "stuck",
+                "TEST",
+                stuck.clone(),
+                RouterSettings {
+                    import_deadline: Duration::from_millis(300),
+                    max_retries: 1,
+                    ..fast()
+                },
+            ),
         ],
     )
     .await;
     let c = settle(&store, "slow", LIMIT).await;
     assert_eq!(n(&c, JobState::Succeeded), 3);
     let j = store.get_job(1).await.unwrap().unwrap();
-    assert_eq!(j.attempts, 2, "the timed-out upload counted, the retry delivered");
+    assert_eq!(
+        j.attempts, 2,
+        "the timed-out upload counted, the retry delivered"
+    );
 
     let c = settle(&store, "stuck", LIMIT).await;
     assert_eq!(n(&c, JobState::Aborted), 3);
     let j = store.get_job(4).await.unwrap().unwrap();
     let e = j.error.unwrap();
     assert_eq!(e.code, ErrorCode::RetriesExhausted);
-    assert!(e.message.contains("deadline_exceeded") && e.message.contains("asyncImportDeadline"), "{}", e.message);
+    assert!(
+        e.message.contains("deadline_exceeded") && e.message.contains("asyncImportDeadline"),
+        "{}",
+        e.message
+    );
     assert_eq!(stuck.uploads.load(Ordering::SeqCst), 2);
     router.shutdown().await;
 }
@@ -385,10 +644,21 @@ async fn graceful_shutdown_releases_staged_jobs() {
     let router = start(
         store.clone(),
         dir.path(),
-        vec![("d", "TEST", m.clone(), RouterSettings { upload_freq: Duration::from_secs(60), ..fast() })],
+        vec![(
+            "d",
+            "TEST",
+            m.clone(),
+            RouterSettings {
+                upload_freq: Duration::from_secs(60),
+                ..fast()
+            },
+        )],
     )
     .await;
-    store.insert_jobs(numbered_jobs("d", "x", 7), Timestamp::now()).await.unwrap();
+    store
+        .insert_jobs(numbered_jobs("d", "x", 7), Timestamp::now())
+        .await
+        .unwrap();
     router.wake("d");
     wait_for("jobs staged", LIMIT, || {
         let store = store.clone();
@@ -399,7 +669,12 @@ async fn graceful_shutdown_releases_staged_jobs() {
     assert!(router.shutdown().await.clean);
     assert!(t0.elapsed() < Duration::from_secs(3));
     let c = counts(&store, "d").await;
-    assert_eq!(n(&c, JobState::Waiting), 7, "released, not lost: {:?}", readable(&c));
+    assert_eq!(
+        n(&c, JobState::Waiting),
+        7,
+        "released, not lost: {:?}",
+        readable(&c)
+    );
     assert_eq!(m.uploads.load(Ordering::SeqCst), 0);
     let j = store.get_job(1).await.unwrap().unwrap();
     assert_eq!(j.attempts, 0);
@@ -411,13 +686,29 @@ async fn redrive_gives_aborted_jobs_a_fresh_budget() {
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let s = HttpStandIn::start().await;
     s.set_default(Some(Fault::status(403)));
-    store.insert_jobs(numbered_jobs("d", "x", 6), Timestamp::now()).await.unwrap();
-    let router = start(store.clone(), dir.path(), vec![("d", "HTTP", http_manager("d", json!({"url": s.url()})), fast())]).await;
+    store
+        .insert_jobs(numbered_jobs("d", "x", 6), Timestamp::now())
+        .await
+        .unwrap();
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![(
+            "d",
+            "HTTP",
+            http_manager("d", json!({"url": s.url()})),
+            fast(),
+        )],
+    )
+    .await;
     let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Aborted), 6);
     assert!(s.accepted().is_empty());
     s.heal();
-    let n_redriven = store.redrive("d", &[JobState::Aborted], Timestamp::now()).await.unwrap();
+    let n_redriven = store
+        .redrive("d", &[JobState::Aborted], Timestamp::now())
+        .await
+        .unwrap();
     assert_eq!(n_redriven, 6);
     router.wake("d");
     let c = settle(&store, "d", LIMIT).await;
@@ -439,9 +730,25 @@ async fn duplicate_message_ids_are_delivered_once() {
         payload: json!({"id": m}).to_string(),
         message_id: Some(m.into()),
     };
-    store.insert_jobs(vec![job("m1"), job("m2"), job("m1")], Timestamp::now()).await.unwrap();
-    store.insert_jobs(vec![job("m2")], Timestamp::now()).await.unwrap();
-    let router = start(store.clone(), dir.path(), vec![("d", "HTTP", http_manager("d", json!({"url": s.url()})), fast())]).await;
+    store
+        .insert_jobs(vec![job("m1"), job("m2"), job("m1")], Timestamp::now())
+        .await
+        .unwrap();
+    store
+        .insert_jobs(vec![job("m2")], Timestamp::now())
+        .await
+        .unwrap();
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![(
+            "d",
+            "HTTP",
+            http_manager("d", json!({"url": s.url()})),
+            fast(),
+        )],
+    )
+    .await;
     let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Succeeded), 2);
     assert_eq!(s.accepted().len(), 2);

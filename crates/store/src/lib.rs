@@ -24,9 +24,14 @@ pub enum StoreUrl {
 impl StoreUrl {
     /// Parses a store URL; the error says which forms are accepted.
     pub fn parse(url: &str) -> Result<StoreUrl, StoreError> {
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             if path.is_empty() {
-                return Err(StoreError::Invalid("sqlite URL has no path (use sqlite://PATH)".into()));
+                return Err(StoreError::Invalid(
+                    "sqlite URL has no path (use sqlite://PATH)".into(),
+                ));
             }
             return Ok(StoreUrl::Sqlite(path.into()));
         }
@@ -69,17 +74,31 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        assert_eq!(StoreUrl::parse("sqlite://./data/x.db").unwrap(), StoreUrl::Sqlite("./data/x.db".into()));
-        assert_eq!(StoreUrl::parse("sqlite:///var/lib/b.db").unwrap(), StoreUrl::Sqlite("/var/lib/b.db".into()));
-        assert!(matches!(StoreUrl::parse("postgres://u@h/db").unwrap(), StoreUrl::Postgres(_)));
-        let err = StoreUrl::parse("mysql://u:pw@h/db").unwrap_err().to_string();
+        assert_eq!(
+            StoreUrl::parse("sqlite://./data/x.db").unwrap(),
+            StoreUrl::Sqlite("./data/x.db".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("sqlite:///var/lib/b.db").unwrap(),
+            StoreUrl::Sqlite("/var/lib/b.db".into())
+        );
+        assert!(matches!(
+            StoreUrl::parse("postgres://u@h/db").unwrap(),
+            StoreUrl::Postgres(_)
+        ));
+        let err = StoreUrl::parse("mysql://u:pw@h/db")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("u:***@h/db") && !err.contains("pw"), "{err}");
         assert!(StoreUrl::parse("sqlite://").is_err());
     }
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

@@ -26,14 +26,23 @@ async fn recover_takes_back_every_lease_at_start() {
             .await
             .unwrap();
         let held = s
-            .claim_jobs("d", "dead", 3, now, now + std::time::Duration::from_secs(3600))
+            .claim_jobs(
+                "d",
+                "dead",
+                3,
+                now,
+                now + std::time::Duration::from_secs(3600),
+            )
             .await
             .unwrap();
         assert_eq!(held.len(), 3);
     }
     let s = SqliteStore::open(&path).await.unwrap();
     let r = s.recover(now).await.unwrap();
-    assert_eq!(r.jobs_released, 3, "leases are not waited for: the OS lock proves the holder is gone");
+    assert_eq!(
+        r.jobs_released, 3,
+        "leases are not waited for: the OS lock proves the holder is gone"
+    );
     let counts = s.destination_counts().await.unwrap();
     assert_eq!(counts["d"].by_state[&JobState::Waiting], 3);
 }

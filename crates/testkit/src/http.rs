@@ -131,7 +131,9 @@ impl HttpStandIn {
 
     /// Starts with explicit options.
     pub async fn start_with(opts: HttpStandInOptions) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(State {
             key_field: opts.key_field,
@@ -205,7 +207,13 @@ impl HttpStandIn {
 
     /// How many times a record key was accepted.
     pub fn accepted_count(&self, key: &str) -> u32 {
-        self.state.accepted.lock().unwrap().get(key).copied().unwrap_or(0)
+        self.state
+            .accepted
+            .lock()
+            .unwrap()
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Snapshot of accepted keys and their counts.
@@ -274,7 +282,8 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(Dropped),
     };
-    st.bodies_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    st.bodies_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
     let fault = {
         let mut s = st.script.lock().unwrap();
         s.queue.pop_front().or_else(|| s.default.clone())
@@ -304,7 +313,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
         Ok(v @ Value::Object(_)) => vec![v],
         Ok(_) | Err(_) => {
             st.rejected_requests.fetch_add(1, Ordering::Relaxed);
-            return Ok(json_response(400, "{\"error\":\"body must be a JSON object or array\"}"));
+            return Ok(json_response(
+                400,
+                "{\"error\":\"body must be a JSON object or array\"}",
+            ));
         }
     };
     let rules = st.script.lock().unwrap().rules.clone();
@@ -319,7 +331,10 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
                 let key = record_key(&st.key_field, r);
                 return Ok(json_response(
                     rule.status,
-                    &format!("{{\"error\":\"record {key} rejected: {} starts with {}\"}}", rule.field, rule.prefix),
+                    &format!(
+                        "{{\"error\":\"record {key} rejected: {} starts with {}\"}}",
+                        rule.field, rule.prefix
+                    ),
                 ));
             }
         }

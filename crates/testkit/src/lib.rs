@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod klaviyo;
 pub mod marketo;
 pub mod measure;
+pub mod postgres;
 pub mod sshd;
 
 /// Environment variable that turns a missing real server (sshd, PostgreSQL,

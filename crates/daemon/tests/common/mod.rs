@@ -80,17 +80,36 @@ impl Daemon {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.auth(self.client.get(self.url(path))).send().await.unwrap();
+        let resp = self
+            .auth(self.client.get(self.url(path)))
+            .send()
+            .await
+            .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get_text(&self, path: &str) -> String {
-        self.client.get(self.url(path)).send().await.unwrap().text().await.unwrap()
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
-    pub async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
         let resp = self
             .auth(self.client.post(self.url(path)))
             .header("content-type", content_type)
@@ -100,7 +119,10 @@ impl Daemon {
             .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Counts for one destination from `GET /v1/destinations`.
@@ -126,7 +148,10 @@ impl Daemon {
                 .iter()
                 .map(|s| c[s].as_u64().unwrap())
                 .sum();
-            let total: u64 = ["succeeded", "aborted"].iter().map(|s| c[s].as_u64().unwrap()).sum();
+            let total: u64 = ["succeeded", "aborted"]
+                .iter()
+                .map(|s| c[s].as_u64().unwrap())
+                .sum();
             if open == 0 && total > 0 {
                 return d;
             }
@@ -157,7 +182,10 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(start.elapsed() < limit, "batchrouterd did not exit within {limit:?} of SIGTERM");
+            assert!(
+                start.elapsed() < limit,
+                "batchrouterd did not exit within {limit:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

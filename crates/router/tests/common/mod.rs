@@ -91,7 +91,10 @@ pub async fn settle(store: &Arc<dyn JobStore>, dest: &str, limit: Duration) -> D
     let start = Instant::now();
     loop {
         let c = counts(store, dest).await;
-        let open = n(&c, JobState::Waiting) + n(&c, JobState::Executing) + n(&c, JobState::Importing) + n(&c, JobState::Failed);
+        let open = n(&c, JobState::Waiting)
+            + n(&c, JobState::Executing)
+            + n(&c, JobState::Importing)
+            + n(&c, JobState::Failed);
         if open == 0 && !c.by_state.is_empty() {
             return c;
         }
@@ -181,7 +184,9 @@ impl AsyncDestinationManager for Recording {
         let seen = self.polls.fetch_add(1, Ordering::SeqCst) + 1;
         let behaviour = self.behaviour.lock().unwrap().clone();
         match behaviour {
-            Behaviour::Import { polls } if seen >= polls => Ok(PollStatus::Complete { has_failures: false }),
+            Behaviour::Import { polls } if seen >= polls => Ok(PollStatus::Complete {
+                has_failures: false,
+            }),
             _ => Ok(PollStatus::InProgress {
                 processed: Some(seen as u64),
                 total: Some(100),
@@ -189,7 +194,10 @@ impl AsyncDestinationManager for Recording {
         }
     }
 
-    async fn get_upload_stats(&self, _import: &ImportHandle) -> Result<UploadStats, DestinationError> {
+    async fn get_upload_stats(
+        &self,
+        _import: &ImportHandle,
+    ) -> Result<UploadStats, DestinationError> {
         self.stats_calls.fetch_add(1, Ordering::SeqCst);
         Ok(UploadStats::default())
     }
@@ -197,5 +205,8 @@ impl AsyncDestinationManager for Recording {
 
 /// Counts per state as a readable map (for assertion messages).
 pub fn readable(c: &DestinationCounts) -> BTreeMap<String, u64> {
-    c.by_state.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    c.by_state
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect()
 }

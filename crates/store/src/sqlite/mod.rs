@@ -24,7 +24,9 @@ use batchrouter_core::store::{
 use batchrouter_core::{
     ErrorCode, ImportId, Job, JobError, JobId, JobState, JobStore, NewJob, StoreError, Timestamp,
 };
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, ToSql, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, ToSql, Transaction, TransactionBehavior,
+};
 
 /// Tuning for [`SqliteStore::open_with`].
 #[derive(Clone, Debug)]
@@ -68,7 +70,9 @@ struct Inner {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -90,7 +94,9 @@ fn take_lock(db: &Path) -> Result<File, StoreError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open lock file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open lock file {}: {e}", path.display()))
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -104,7 +110,10 @@ fn take_lock(db: &Path) -> Result<File, StoreError> {
             )));
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(StoreError::Unavailable(format!("cannot lock {}: {e}", path.display())))
+            return Err(StoreError::Unavailable(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            )))
         }
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -126,9 +135,15 @@ fn configure(conn: &Connection, opts: &SqliteOptions) -> Result<(), StoreError> 
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         .map_err(backend)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::Unavailable(format!("could not enable WAL mode (got {mode})")));
+        return Err(StoreError::Unavailable(format!(
+            "could not enable WAL mode (got {mode})"
+        )));
     }
-    let sync = if opts.synchronous_full { "FULL" } else { "NORMAL" };
+    let sync = if opts.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
     conn.execute_batch(&format!(
         "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; \
          PRAGMA cache_size=-{}; PRAGMA wal_autocheckpoint=4000;",
@@ -169,7 +184,10 @@ impl SqliteStore {
     }
 
     /// Opens the database: takes the owner lock, enables WAL, migrates.
-    pub async fn open_with(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, StoreError> {
+    pub async fn open_with(
+        path: impl AsRef<Path>,
+        opts: SqliteOptions,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || Self::open_blocking(path, opts))
             .await
@@ -198,7 +216,8 @@ impl SqliteStore {
             )
             .map_err(backend)?;
             r.busy_timeout(opts.busy_timeout).map_err(backend)?;
-            r.execute_batch("PRAGMA cache_size=-8192;").map_err(backend)?;
+            r.execute_batch("PRAGMA cache_size=-8192;")
+                .map_err(backend)?;
             readers.push(Mutex::new(r));
         }
         Ok(SqliteStore {
@@ -377,7 +396,8 @@ fn row_to_job(destination_id: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<J
     })
 }
 
-const JOB_RECORD_COLUMNS: &str = "id, destination_id, message_id, state, attempts, next_attempt_at, \
+const JOB_RECORD_COLUMNS: &str =
+    "id, destination_id, message_id, state, attempts, next_attempt_at, \
      error_code, error_message, note, external_id, import_id, created_at, updated_at, completed_at";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, StoreError>> {
@@ -395,7 +415,8 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<JobRecord, St
         message_id: r.get(2)?,
         state,
         attempts: r.get(4)?,
-        next_attempt_at: matches!(state, JobState::Waiting | JobState::Failed).then_some(Timestamp(next)),
+        next_attempt_at: matches!(state, JobState::Waiting | JobState::Failed)
+            .then_some(Timestamp(next)),
         error: code.map(|c| JobError::new(ErrorCode::parse(&c), message.unwrap_or_default())),
         note: r.get(8)?,
         external_id: r.get(9)?,
@@ -413,7 +434,11 @@ fn row_to_import(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ImportRecord,
     let context_s: String = r.get(3)?;
     let context = match serde_json::from_str(&context_s) {
         Ok(c) => c,
-        Err(e) => return Ok(Err(StoreError::Data(format!("import context is not JSON: {e}")))),
+        Err(e) => {
+            return Ok(Err(StoreError::Data(format!(
+                "import context is not JSON: {e}"
+            ))))
+        }
     };
     let state_s: String = r.get(4)?;
     let state = match ImportState::parse(&state_s) {
@@ -444,18 +469,27 @@ fn row_to_import(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ImportRecord,
 }
 
 fn count_import_outcomes(transitions: &[JobTransition]) -> (i64, i64, i64) {
-    transitions.iter().fold((0, 0, 0), |(s, f, a), t| match t.to {
-        Transition::Succeeded { .. } => (s + 1, f, a),
-        Transition::Failed { .. } => (s, f + 1, a),
-        Transition::Aborted { .. } => (s, f, a + 1),
-    })
+    transitions
+        .iter()
+        .fold((0, 0, 0), |(s, f, a), t| match t.to {
+            Transition::Succeeded { .. } => (s + 1, f, a),
+            Transition::Failed { .. } => (s, f + 1, a),
+            Transition::Aborted { .. } => (s, f, a + 1),
+        })
 }
 
 #[async_trait]
 impl JobStore for SqliteStore {
-    async fn insert_jobs(&self, jobs: Vec<NewJob>, now: Timestamp) -> Result<Vec<Inserted>, StoreError> {
+    async fn insert_jobs(
+        &self,
+        jobs: Vec<NewJob>,
+        now: Timestamp,
+    ) -> Result<Vec<Inserted>, StoreError> {
         if let Some(bad) = jobs.iter().find(|j| j.destination_id.is_empty()) {
-            return Err(StoreError::Invalid(format!("job with empty destination id: {:?}", bad.message_id)));
+            return Err(StoreError::Invalid(format!(
+                "job with empty destination id: {:?}",
+                bad.message_id
+            )));
         }
         self.write(move |conn| {
             let tx = immediate(conn)?;
@@ -563,7 +597,12 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn release_jobs(&self, owner: &str, job_ids: &[JobId], now: Timestamp) -> Result<usize, StoreError> {
+    async fn release_jobs(
+        &self,
+        owner: &str,
+        job_ids: &[JobId],
+        now: Timestamp,
+    ) -> Result<usize, StoreError> {
         let owner = owner.to_string();
         let ids = job_ids.to_vec();
         self.write(move |conn| {
@@ -1045,7 +1084,9 @@ impl JobStore for SqliteStore {
                 RetryResult::Retried
             } else {
                 let state: Option<String> = tx
-                    .query_row("SELECT state FROM jobs WHERE id = ?1", params![id], |r| r.get(0))
+                    .query_row("SELECT state FROM jobs WHERE id = ?1", params![id], |r| {
+                        r.get(0)
+                    })
                     .optional()
                     .map_err(backend)?;
                 match state {
@@ -1059,7 +1100,12 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn redrive(&self, destination_id: &str, states: &[JobState], now: Timestamp) -> Result<u64, StoreError> {
+    async fn redrive(
+        &self,
+        destination_id: &str,
+        states: &[JobState],
+        now: Timestamp,
+    ) -> Result<u64, StoreError> {
         let dest = destination_id.to_string();
         let states: Vec<&'static str> = states
             .iter()
@@ -1141,9 +1187,14 @@ mod tests {
         let first = SqliteStore::open(&path).await.unwrap();
         let err = SqliteStore::open(&path).await.unwrap_err().to_string();
         assert!(err.contains("in use by another batchrouterd"), "{err}");
-        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(first);
-        SqliteStore::open(&path).await.expect("lock released on drop");
+        SqliteStore::open(&path)
+            .await
+            .expect("lock released on drop");
     }
 
     #[tokio::test]

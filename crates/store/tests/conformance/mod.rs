@@ -57,7 +57,10 @@ pub async fn insert_and_read_back(s: Store) {
     let now = Timestamp::now();
     let ins = s.insert_jobs(jobs("d1", 3), now).await.unwrap();
     assert_eq!(ins.len(), 3);
-    assert!(ins.windows(2).all(|w| w[0].job_id < w[1].job_id), "ids increase");
+    assert!(
+        ins.windows(2).all(|w| w[0].job_id < w[1].job_id),
+        "ids increase"
+    );
     assert!(ins.iter().all(|i| !i.duplicate));
     let rec = s.get_job(ins[0].job_id).await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Waiting);
@@ -71,17 +74,32 @@ pub async fn insert_and_read_back(s: Store) {
 pub async fn message_ids_are_idempotent_per_destination(s: Store) {
     let now = Timestamp::now();
     let first = s
-        .insert_jobs(vec![job("d1", 0, Some("m-1")), job("d1", 1, Some("m-1"))], now)
+        .insert_jobs(
+            vec![job("d1", 0, Some("m-1")), job("d1", 1, Some("m-1"))],
+            now,
+        )
         .await
         .unwrap();
     assert!(!first[0].duplicate);
-    assert!(first[1].duplicate, "a repeat inside one request is a duplicate");
+    assert!(
+        first[1].duplicate,
+        "a repeat inside one request is a duplicate"
+    );
     assert_eq!(first[0].job_id, first[1].job_id);
-    let again = s.insert_jobs(vec![job("d1", 2, Some("m-1"))], now).await.unwrap();
+    let again = s
+        .insert_jobs(vec![job("d1", 2, Some("m-1"))], now)
+        .await
+        .unwrap();
     assert!(again[0].duplicate);
     assert_eq!(again[0].job_id, first[0].job_id);
-    let other = s.insert_jobs(vec![job("d2", 3, Some("m-1"))], now).await.unwrap();
-    assert!(!other[0].duplicate, "the same id on another destination is a new job");
+    let other = s
+        .insert_jobs(vec![job("d2", 3, Some("m-1"))], now)
+        .await
+        .unwrap();
+    assert!(
+        !other[0].duplicate,
+        "the same id on another destination is a new job"
+    );
     assert_ne!(other[0].job_id, first[0].job_id);
     let counts = s.destination_counts().await.unwrap();
     assert_eq!(counts["d1"].by_state[&JobState::Waiting], 1);
@@ -91,27 +109,48 @@ pub async fn insert_is_all_or_nothing(s: Store) {
     let now = Timestamp::now();
     let bad = vec![job("d1", 0, None), job("", 1, None)];
     assert!(s.insert_jobs(bad, now).await.is_err());
-    assert!(s.destination_counts().await.unwrap().is_empty(), "nothing stored");
+    assert!(
+        s.destination_counts().await.unwrap().is_empty(),
+        "nothing stored"
+    );
 }
 
 pub async fn claims_due_jobs_in_id_order_under_a_lease(s: Store) {
     let now = Timestamp::now();
     let ins = s.insert_jobs(jobs("d1", 10), now).await.unwrap();
     s.insert_jobs(jobs("other", 5), now).await.unwrap();
-    let a = s.claim_jobs("d1", "A", 4, now, now + 60 * SEC).await.unwrap();
-    assert_eq!(a.iter().map(|j| j.id).collect::<Vec<_>>(), ins[..4].iter().map(|i| i.job_id).collect::<Vec<_>>());
-    assert!(a.iter().all(|j| j.destination_id == "d1" && j.attempts == 0));
-    let b = s.claim_jobs("d1", "B", 100, now, now + 60 * SEC).await.unwrap();
+    let a = s
+        .claim_jobs("d1", "A", 4, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ins[..4].iter().map(|i| i.job_id).collect::<Vec<_>>()
+    );
+    assert!(a
+        .iter()
+        .all(|j| j.destination_id == "d1" && j.attempts == 0));
+    let b = s
+        .claim_jobs("d1", "B", 100, now, now + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(b.len(), 6, "B gets the rest, never A's");
     assert!(b.iter().all(|j| !a.iter().any(|x| x.id == j.id)));
-    assert!(s.claim_jobs("d1", "C", 100, now, now + 60 * SEC).await.unwrap().is_empty());
+    assert!(s
+        .claim_jobs("d1", "C", 100, now, now + 60 * SEC)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(state_of(&s, a[0].id).await, JobState::Executing);
 }
 
 pub async fn failed_jobs_wait_for_their_backoff(s: Store) {
     let now = Timestamp::now();
     let ins = s.insert_jobs(jobs("d1", 2), now).await.unwrap();
-    let claimed = s.claim_jobs("d1", "A", 10, now, now + 60 * SEC).await.unwrap();
+    let claimed = s
+        .claim_jobs("d1", "A", 10, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let mut c = commit("d1", "A", now);
     c.attempted = claimed.iter().map(|j| j.id).collect();
     c.transitions = vec![
@@ -137,18 +176,33 @@ pub async fn failed_jobs_wait_for_their_backoff(s: Store) {
     assert_eq!(rec.attempts, 1);
     assert_eq!(rec.next_attempt_at, Some(now + 30 * SEC));
     assert_eq!(rec.error.unwrap().code, ErrorCode::DestinationUnavailable);
-    let due = s.claim_jobs("d1", "A", 10, now + SEC, now + 60 * SEC).await.unwrap();
-    assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ins[1].job_id]);
+    let due = s
+        .claim_jobs("d1", "A", 10, now + SEC, now + 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ins[1].job_id]
+    );
     assert_eq!(due[0].attempts, 1);
     assert_eq!(due[0].first_attempt_at, Some(now));
-    let later = s.claim_jobs("d1", "A", 10, now + 31 * SEC, now + 90 * SEC).await.unwrap();
-    assert_eq!(later.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ins[0].job_id]);
+    let later = s
+        .claim_jobs("d1", "A", 10, now + 31 * SEC, now + 90 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        later.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ins[0].job_id]
+    );
 }
 
 pub async fn claims_ten_thousand_in_one_call(s: Store) {
     let now = Timestamp::now();
     s.insert_jobs(jobs("bulk", 10_000), now).await.unwrap();
-    let claimed = s.claim_jobs("bulk", "A", 10_000, now, now + 60 * SEC).await.unwrap();
+    let claimed = s
+        .claim_jobs("bulk", "A", 10_000, now, now + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 10_000);
     assert!(claimed.windows(2).all(|w| w[0].id < w[1].id));
     let ids: Vec<_> = claimed.iter().map(|j| j.id).collect();
@@ -156,7 +210,10 @@ pub async fn claims_ten_thousand_in_one_call(s: Store) {
     c.attempted = ids.clone();
     c.transitions = ids
         .iter()
-        .map(|&job_id| JobTransition { job_id, to: succeeded() })
+        .map(|&job_id| JobTransition {
+            job_id,
+            to: succeeded(),
+        })
         .collect();
     assert_eq!(s.commit_upload(c).await.unwrap().applied, 10_000);
     let counts = s.destination_counts().await.unwrap();
@@ -166,7 +223,10 @@ pub async fn claims_ten_thousand_in_one_call(s: Store) {
 pub async fn upload_commit_creates_imports_and_is_fenced(s: Store) {
     let now = Timestamp::now();
     s.insert_jobs(jobs("d1", 5), now).await.unwrap();
-    let claimed = s.claim_jobs("d1", "A", 5, now, now + 60 * SEC).await.unwrap();
+    let claimed = s
+        .claim_jobs("d1", "A", 5, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let ids: Vec<_> = claimed.iter().map(|j| j.id).collect();
     let mut c = commit("d1", "A", now);
     c.attempted = ids.clone();
@@ -202,22 +262,36 @@ pub async fn upload_commit_creates_imports_and_is_fenced(s: Store) {
     assert_eq!(imp.job_count, 3);
     assert_eq!(imp.context, json!({"remote": 42, "keys": {"a@x": ids[0]}}));
     let j0 = s.get_job(ids[0]).await.unwrap().unwrap();
-    assert_eq!((j0.state, j0.attempts, j0.import_id), (JobState::Importing, 1, Some(import_id)));
+    assert_eq!(
+        (j0.state, j0.attempts, j0.import_id),
+        (JobState::Importing, 1, Some(import_id))
+    );
     let j3 = s.get_job(ids[3]).await.unwrap().unwrap();
     assert_eq!(j3.state, JobState::Aborted);
     assert!(j3.completed_at.is_some());
     assert_eq!(j3.error.unwrap().message, "HTTP 400: bad");
     let j4 = s.get_job(ids[4]).await.unwrap().unwrap();
-    assert_eq!((j4.note.as_deref(), j4.external_id.as_deref()), (Some("warned"), Some("ext-9")));
+    assert_eq!(
+        (j4.note.as_deref(), j4.external_id.as_deref()),
+        (Some("warned"), Some("ext-9"))
+    );
     let info = s.importing_jobs(import_id).await.unwrap();
-    assert_eq!(info.iter().map(|i| i.job_id).collect::<Vec<_>>(), ids[..3].to_vec());
-    assert!(info.iter().all(|i| i.attempts == 1 && i.first_attempt_at == Some(now)));
+    assert_eq!(
+        info.iter().map(|i| i.job_id).collect::<Vec<_>>(),
+        ids[..3].to_vec()
+    );
+    assert!(info
+        .iter()
+        .all(|i| i.attempts == 1 && i.first_attempt_at == Some(now)));
     let counts = s.destination_counts().await.unwrap();
     assert_eq!(counts["d1"].imports_in_flight, 1);
 
     // A stale owner cannot overwrite anything.
     s.insert_jobs(jobs("d1", 1), now).await.unwrap();
-    let mine = s.claim_jobs("d1", "B", 1, now, now + 60 * SEC).await.unwrap();
+    let mine = s
+        .claim_jobs("d1", "B", 1, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let mut stale = commit("d1", "A", now);
     stale.attempted = vec![mine[0].id];
     stale.transitions = vec![JobTransition {
@@ -233,7 +307,10 @@ pub async fn upload_commit_creates_imports_and_is_fenced(s: Store) {
 
 async fn one_import(s: &Store, dest: &str, n: usize, now: Timestamp) -> (i64, Vec<i64>) {
     s.insert_jobs(jobs(dest, n), now).await.unwrap();
-    let claimed = s.claim_jobs(dest, "A", n, now, now + 60 * SEC).await.unwrap();
+    let claimed = s
+        .claim_jobs(dest, "A", n, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let ids: Vec<_> = claimed.iter().map(|j| j.id).collect();
     let mut c = commit(dest, "A", now);
     c.attempted = ids.clone();
@@ -251,13 +328,25 @@ async fn one_import(s: &Store, dest: &str, n: usize, now: Timestamp) -> (i64, Ve
 pub async fn imports_are_polled_under_a_lease_and_finished_atomically(s: Store) {
     let now = Timestamp::now();
     let (import_id, ids) = one_import(&s, "d1", 4, now).await;
-    assert!(s.claim_due_imports("d1", "A", 10, now, now + 60 * SEC).await.unwrap().is_empty(), "not due yet");
+    assert!(
+        s.claim_due_imports("d1", "A", 10, now, now + 60 * SEC)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
     assert_eq!(s.next_poll_due("d1").await.unwrap(), Some(now + SEC));
     let t1 = now + 2 * SEC;
-    let due = s.claim_due_imports("d1", "A", 10, t1, t1 + 60 * SEC).await.unwrap();
+    let due = s
+        .claim_due_imports("d1", "A", 10, t1, t1 + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1);
     assert!(
-        s.claim_due_imports("d1", "B", 10, t1, t1 + 60 * SEC).await.unwrap().is_empty(),
+        s.claim_due_imports("d1", "B", 10, t1, t1 + 60 * SEC)
+            .await
+            .unwrap()
+            .is_empty(),
         "another owner waits for the lease"
     );
     let ok = s
@@ -275,7 +364,10 @@ pub async fn imports_are_polled_under_a_lease_and_finished_atomically(s: Store) 
         .unwrap();
     assert!(ok);
     let imp = s.get_import(import_id).await.unwrap().unwrap();
-    assert_eq!((imp.state, imp.progress, imp.poll_errors), (ImportState::Processing, 40, 0));
+    assert_eq!(
+        (imp.state, imp.progress, imp.poll_errors),
+        (ImportState::Processing, 40, 0)
+    );
     let stale_poll = s
         .record_poll(PollUpdate {
             import_id,
@@ -305,7 +397,10 @@ pub async fn imports_are_polled_under_a_lease_and_finished_atomically(s: Store) 
         .await
         .unwrap());
     let imp = s.get_import(import_id).await.unwrap().unwrap();
-    assert_eq!((imp.state, imp.progress, imp.poll_errors), (ImportState::Processing, 40, 1));
+    assert_eq!(
+        (imp.state, imp.progress, imp.poll_errors),
+        (ImportState::Processing, 40, 1)
+    );
     assert_eq!(imp.error.as_ref().unwrap().message, "HTTP 503");
 
     let finish = |owner: &str| ImportFinish {
@@ -314,8 +409,14 @@ pub async fn imports_are_polled_under_a_lease_and_finished_atomically(s: Store) 
         state: ImportState::Partial,
         error: None,
         transitions: vec![
-            JobTransition { job_id: ids[0], to: succeeded() },
-            JobTransition { job_id: ids[1], to: succeeded() },
+            JobTransition {
+                job_id: ids[0],
+                to: succeeded(),
+            },
+            JobTransition {
+                job_id: ids[1],
+                to: succeeded(),
+            },
             JobTransition {
                 job_id: ids[2],
                 to: Transition::Aborted {
@@ -339,41 +440,79 @@ pub async fn imports_are_polled_under_a_lease_and_finished_atomically(s: Store) 
     assert_eq!(r.applied, 4);
     let imp = s.get_import(import_id).await.unwrap().unwrap();
     assert_eq!(imp.state, ImportState::Partial);
-    assert_eq!((imp.succeeded, imp.failed, imp.aborted, imp.progress), (2, 1, 1, 100));
+    assert_eq!(
+        (imp.succeeded, imp.failed, imp.aborted, imp.progress),
+        (2, 1, 1, 100)
+    );
     assert!(imp.completed_at.is_some());
     assert_eq!(state_of(&s, ids[2]).await, JobState::Aborted);
     assert_eq!(state_of(&s, ids[3]).await, JobState::Failed);
-    assert_eq!(s.get_job(ids[0]).await.unwrap().unwrap().import_id, Some(import_id));
+    assert_eq!(
+        s.get_job(ids[0]).await.unwrap().unwrap().import_id,
+        Some(import_id)
+    );
     assert!(s.importing_jobs(import_id).await.unwrap().is_empty());
     assert_eq!(s.next_poll_due("d1").await.unwrap(), None);
-    assert!(s.finish_import(finish("A")).await.unwrap().applied == 0, "finishing twice changes nothing");
+    assert!(
+        s.finish_import(finish("A")).await.unwrap().applied == 0,
+        "finishing twice changes nothing"
+    );
 }
 
 pub async fn expired_leases_are_taken_back(s: Store) {
     let now = Timestamp::now();
     let (import_id, _) = one_import(&s, "d1", 2, now).await;
     s.insert_jobs(jobs("d1", 3), now).await.unwrap();
-    let held = s.claim_jobs("d1", "A", 3, now, now + 10 * SEC).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 3, now, now + 10 * SEC)
+        .await
+        .unwrap();
     assert_eq!(held.len(), 3);
-    s.claim_due_imports("d1", "A", 10, now + 2 * SEC, now + 10 * SEC).await.unwrap();
+    s.claim_due_imports("d1", "A", 10, now + 2 * SEC, now + 10 * SEC)
+        .await
+        .unwrap();
     let early = s.reclaim_expired(now + 5 * SEC).await.unwrap();
     assert_eq!((early.jobs_released, early.imports_released), (0, 0));
     let late = s.reclaim_expired(now + 11 * SEC).await.unwrap();
     assert_eq!((late.jobs_released, late.imports_released), (3, 1));
-    let again = s.claim_jobs("d1", "B", 10, now + 11 * SEC, now + 60 * SEC).await.unwrap();
+    let again = s
+        .claim_jobs("d1", "B", 10, now + 11 * SEC, now + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(again.len(), 3, "a dead owner's jobs come back to others");
-    assert!(again.iter().all(|j| j.attempts == 0), "taking work back costs no attempt");
-    let imports = s.claim_due_imports("d1", "B", 10, now + 11 * SEC, now + 60 * SEC).await.unwrap();
-    assert_eq!(imports.iter().map(|i| i.id).collect::<Vec<_>>(), vec![import_id]);
+    assert!(
+        again.iter().all(|j| j.attempts == 0),
+        "taking work back costs no attempt"
+    );
+    let imports = s
+        .claim_due_imports("d1", "B", 10, now + 11 * SEC, now + 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        imports.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![import_id]
+    );
 }
 
 pub async fn release_returns_jobs_without_an_attempt(s: Store) {
     let now = Timestamp::now();
     s.insert_jobs(jobs("d1", 2), now).await.unwrap();
-    let held = s.claim_jobs("d1", "A", 2, now, now + 60 * SEC).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let ids: Vec<_> = held.iter().map(|j| j.id).collect();
-    assert_eq!(s.release_jobs("B", &ids, now).await.unwrap(), 0, "fenced on owner");
-    assert_eq!(s.extend_job_leases("A", &ids, now + 120 * SEC).await.unwrap(), 2);
+    assert_eq!(
+        s.release_jobs("B", &ids, now).await.unwrap(),
+        0,
+        "fenced on owner"
+    );
+    assert_eq!(
+        s.extend_job_leases("A", &ids, now + 120 * SEC)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(s.release_jobs("A", &ids, now).await.unwrap(), 2);
     let rec = s.get_job(ids[0]).await.unwrap().unwrap();
     assert_eq!((rec.state, rec.attempts), (JobState::Waiting, 0));
@@ -382,15 +521,27 @@ pub async fn release_returns_jobs_without_an_attempt(s: Store) {
 pub async fn transform_failures_abort_from_executing(s: Store) {
     let now = Timestamp::now();
     s.insert_jobs(jobs("d1", 2), now).await.unwrap();
-    let held = s.claim_jobs("d1", "A", 2, now, now + 60 * SEC).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let t = vec![JobTransition {
         job_id: held[0].id,
         to: Transition::Aborted {
             error: JobError::new(ErrorCode::TransformFailed, "payload is not JSON"),
         },
     }];
-    assert_eq!(s.transition_executing("B", t.clone(), now).await.unwrap().rejected, vec![held[0].id]);
-    assert_eq!(s.transition_executing("A", t, now).await.unwrap().applied, 1);
+    assert_eq!(
+        s.transition_executing("B", t.clone(), now)
+            .await
+            .unwrap()
+            .rejected,
+        vec![held[0].id]
+    );
+    assert_eq!(
+        s.transition_executing("A", t, now).await.unwrap().applied,
+        1
+    );
     let rec = s.get_job(held[0].id).await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Aborted);
     assert_eq!(rec.attempts, 0, "a transform failure is not an upload");
@@ -401,7 +552,10 @@ pub async fn retry_and_redrive_give_a_fresh_budget(s: Store) {
     let now = Timestamp::now();
     let ins = s.insert_jobs(jobs("d1", 4), now).await.unwrap();
     let ids: Vec<_> = ins.iter().map(|i| i.job_id).collect();
-    let held = s.claim_jobs("d1", "A", 4, now, now + 60 * SEC).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 4, now, now + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(held.len(), 4);
     let mut c = commit("d1", "A", now);
     c.attempted = ids.clone();
@@ -409,9 +563,18 @@ pub async fn retry_and_redrive_give_a_fresh_budget(s: Store) {
         error: JobError::new(ErrorCode::RetriesExhausted, "gave up"),
     };
     c.transitions = vec![
-        JobTransition { job_id: ids[0], to: abort.clone() },
-        JobTransition { job_id: ids[1], to: abort.clone() },
-        JobTransition { job_id: ids[2], to: succeeded() },
+        JobTransition {
+            job_id: ids[0],
+            to: abort.clone(),
+        },
+        JobTransition {
+            job_id: ids[1],
+            to: abort.clone(),
+        },
+        JobTransition {
+            job_id: ids[2],
+            to: succeeded(),
+        },
         JobTransition {
             job_id: ids[3],
             to: Transition::Failed {
@@ -421,59 +584,134 @@ pub async fn retry_and_redrive_give_a_fresh_budget(s: Store) {
         },
     ];
     s.commit_upload(c).await.unwrap();
-    assert_eq!(s.retry_job(ids[2], now).await.unwrap(), RetryResult::Conflict(JobState::Succeeded));
-    assert_eq!(s.retry_job(999_999, now).await.unwrap(), RetryResult::NotFound);
-    assert_eq!(s.retry_job(ids[0], now).await.unwrap(), RetryResult::Retried);
+    assert_eq!(
+        s.retry_job(ids[2], now).await.unwrap(),
+        RetryResult::Conflict(JobState::Succeeded)
+    );
+    assert_eq!(
+        s.retry_job(999_999, now).await.unwrap(),
+        RetryResult::NotFound
+    );
+    assert_eq!(
+        s.retry_job(ids[0], now).await.unwrap(),
+        RetryResult::Retried
+    );
     let rec = s.get_job(ids[0]).await.unwrap().unwrap();
-    assert_eq!((rec.state, rec.attempts), (JobState::Waiting, 1), "history kept");
+    assert_eq!(
+        (rec.state, rec.attempts),
+        (JobState::Waiting, 1),
+        "history kept"
+    );
     assert!(rec.error.is_none() && rec.completed_at.is_none());
-    let redriven = s.redrive("d1", &[JobState::Aborted, JobState::Failed], now).await.unwrap();
+    let redriven = s
+        .redrive("d1", &[JobState::Aborted, JobState::Failed], now)
+        .await
+        .unwrap();
     assert_eq!(redriven, 2);
-    let claimed = s.claim_jobs("d1", "A", 10, now, now + 60 * SEC).await.unwrap();
+    let claimed = s
+        .claim_jobs("d1", "A", 10, now, now + 60 * SEC)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 3);
-    assert!(claimed.iter().all(|j| j.retry_base == 1 && j.attempts == 1 && j.first_attempt_at.is_none()));
-    assert_eq!(s.redrive("d1", &[JobState::Succeeded], now).await.unwrap(), 0, "only aborted/failed");
+    assert!(claimed
+        .iter()
+        .all(|j| j.retry_base == 1 && j.attempts == 1 && j.first_attempt_at.is_none()));
+    assert_eq!(
+        s.redrive("d1", &[JobState::Succeeded], now).await.unwrap(),
+        0,
+        "only aborted/failed"
+    );
 }
 
 pub async fn upload_slots_bound_concurrency(s: Store) {
     let now = Timestamp::now();
-    let a = s.acquire_upload_slot("d1", "A", 2, now, now + 10 * SEC).await.unwrap();
-    let b = s.acquire_upload_slot("d1", "B", 2, now, now + 10 * SEC).await.unwrap();
+    let a = s
+        .acquire_upload_slot("d1", "A", 2, now, now + 10 * SEC)
+        .await
+        .unwrap();
+    let b = s
+        .acquire_upload_slot("d1", "B", 2, now, now + 10 * SEC)
+        .await
+        .unwrap();
     assert!(a.is_some() && b.is_some());
-    assert!(s.acquire_upload_slot("d1", "C", 2, now, now + 10 * SEC).await.unwrap().is_none());
-    assert!(s.acquire_upload_slot("d2", "C", 2, now, now + 10 * SEC).await.unwrap().is_some(), "per destination");
+    assert!(s
+        .acquire_upload_slot("d1", "C", 2, now, now + 10 * SEC)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        s.acquire_upload_slot("d2", "C", 2, now, now + 10 * SEC)
+            .await
+            .unwrap()
+            .is_some(),
+        "per destination"
+    );
     s.release_upload_slot(a.unwrap()).await.unwrap();
-    let c = s.acquire_upload_slot("d1", "C", 2, now, now + 10 * SEC).await.unwrap();
+    let c = s
+        .acquire_upload_slot("d1", "C", 2, now, now + 10 * SEC)
+        .await
+        .unwrap();
     assert!(c.is_some());
     // Expired slots (a dead uploader) free themselves.
-    assert!(s.acquire_upload_slot("d1", "D", 2, now + 11 * SEC, now + 20 * SEC).await.unwrap().is_some());
+    assert!(s
+        .acquire_upload_slot("d1", "D", 2, now + 11 * SEC, now + 20 * SEC)
+        .await
+        .unwrap()
+        .is_some());
     // Imports in flight hold capacity until they finish.
     let later = now + 30 * SEC;
     let (_import_id, _) = one_import(&s, "d3", 1, later).await;
-    assert!(s.acquire_upload_slot("d3", "A", 1, later, later + 10 * SEC).await.unwrap().is_none());
-    assert!(s.acquire_upload_slot("d3", "A", 2, later, later + 10 * SEC).await.unwrap().is_some());
+    assert!(s
+        .acquire_upload_slot("d3", "A", 1, later, later + 10 * SEC)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .acquire_upload_slot("d3", "A", 2, later, later + 10 * SEC)
+        .await
+        .unwrap()
+        .is_some());
     // A commit releases the slot it names.
     s.insert_jobs(jobs("d4", 1), later).await.unwrap();
-    let slot = s.acquire_upload_slot("d4", "A", 1, later, later + 10 * SEC).await.unwrap();
-    let held = s.claim_jobs("d4", "A", 1, later, later + 60 * SEC).await.unwrap();
+    let slot = s
+        .acquire_upload_slot("d4", "A", 1, later, later + 10 * SEC)
+        .await
+        .unwrap();
+    let held = s
+        .claim_jobs("d4", "A", 1, later, later + 60 * SEC)
+        .await
+        .unwrap();
     let mut c = commit("d4", "A", later);
     c.attempted = vec![held[0].id];
-    c.transitions = vec![JobTransition { job_id: held[0].id, to: succeeded() }];
+    c.transitions = vec![JobTransition {
+        job_id: held[0].id,
+        to: succeeded(),
+    }];
     c.slot = slot;
     s.commit_upload(c).await.unwrap();
-    assert!(s.acquire_upload_slot("d4", "A", 1, later, later + 10 * SEC).await.unwrap().is_some());
+    assert!(s
+        .acquire_upload_slot("d4", "A", 1, later, later + 10 * SEC)
+        .await
+        .unwrap()
+        .is_some());
 }
 
 pub async fn retention_sweep_deletes_old_terminal_jobs_in_batches(s: Store) {
     let old = Timestamp::now() - 10 * 86400 * SEC;
     let now = Timestamp::now();
     s.insert_jobs(jobs("d1", 5), old).await.unwrap();
-    let held = s.claim_jobs("d1", "A", 5, old, old + 60 * SEC).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 5, old, old + 60 * SEC)
+        .await
+        .unwrap();
     let mut c = commit("d1", "A", old);
     c.attempted = held.iter().map(|j| j.id).collect();
     c.transitions = held
         .iter()
-        .map(|j| JobTransition { job_id: j.id, to: succeeded() })
+        .map(|j| JobTransition {
+            job_id: j.id,
+            to: succeeded(),
+        })
         .collect();
     s.commit_upload(c).await.unwrap();
     let fresh = s.insert_jobs(jobs("d1", 2), now).await.unwrap();
@@ -482,13 +720,18 @@ pub async fn retention_sweep_deletes_old_terminal_jobs_in_batches(s: Store) {
     assert_eq!(s.sweep_terminal(before, 3).await.unwrap(), 2);
     assert_eq!(s.sweep_terminal(before, 3).await.unwrap(), 0);
     assert!(s.get_job(held[0].id).await.unwrap().is_none());
-    assert!(s.get_job(fresh[0].job_id).await.unwrap().is_some(), "waiting jobs are never swept");
+    assert!(
+        s.get_job(fresh[0].job_id).await.unwrap().is_some(),
+        "waiting jobs are never swept"
+    );
 }
 
 pub async fn counts_cover_every_state(s: Store) {
     let now = Timestamp::now();
     s.insert_jobs(jobs("d1", 3), now).await.unwrap();
-    s.claim_jobs("d1", "A", 1, now, now + 60 * SEC).await.unwrap();
+    s.claim_jobs("d1", "A", 1, now, now + 60 * SEC)
+        .await
+        .unwrap();
     let counts = s.destination_counts().await.unwrap();
     let d1 = &counts["d1"];
     assert_eq!(d1.by_state.len(), JobState::ALL.len());
