@@ -82,7 +82,7 @@ pub struct LoggingConfig {
 }
 
 /// One `[[destinations]]` entry, validated.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DestinationSpec {
     /// Unique id jobs refer to.
     pub id: String,
@@ -96,6 +96,18 @@ pub struct DestinationSpec {
     pub router: BTreeMap<String, String>,
     /// Effective router settings.
     pub settings: RouterSettings,
+}
+
+impl std::fmt::Debug for DestinationSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationSpec")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("enabled", &self.enabled)
+            .field("config", &print::redact(&self.config))
+            .field("router", &self.router)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A loaded, validated configuration.

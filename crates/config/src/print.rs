@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use batchrouter_core::lookup::KeyLookup;
-use batchrouter_core::secret::{is_secret_key, REDACTED};
+use batchrouter_core::secret::{is_secret_key, redact_url, REDACTED};
 use serde_json::Value;
 
 use crate::{LoadedConfig, LogFormat};
@@ -18,6 +18,9 @@ pub fn redact(value: &Value) -> Value {
                 .map(|(k, v)| {
                     let v = if is_secret_key(k) && !v.is_object() && !v.is_array() {
                         Value::String(REDACTED.into())
+                    } else if let Value::String(text) = v {
+                        // URLs may carry a password or a token in the query.
+                        Value::String(redact_url(text))
                     } else if k.eq_ignore_ascii_case("headers") {
                         // Header values usually carry credentials.
                         match v {

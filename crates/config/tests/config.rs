@@ -237,7 +237,7 @@ url = "postgres://br:pw-SECRET-2@127.0.0.1:5432/br"
 id = "web"
 type = "HTTP"
 [destinations.config]
-url = "http://127.0.0.1:1/x"
+url = "http://user:SECRET-5@127.0.0.1:1/x?key=SECRET-6"
 headers = { Authorization = "Bearer SECRET-3", X-Api-Key = "SECRET-4" }
 "#;
     let c = load_str(text, FileFormat::Toml, env(&[])).unwrap();
@@ -246,6 +246,7 @@ headers = { Authorization = "Bearer SECRET-3", X-Api-Key = "SECRET-4" }
     assert!(out.contains("postgres://br:***@127.0.0.1:5432/br"), "{out}");
     assert!(out.contains("maxRetries = \"3\"  # default"), "{out}");
     assert!(!format!("{c:?}").contains("SECRET"));
+    assert!(!format!("{:?}", c.destinations[0]).contains("SECRET"));
 }
 
 #[test]

@@ -55,6 +55,16 @@ pub fn excerpt(body: &str, max_chars: usize) -> String {
     }
 }
 
+/// The innermost cause of an error chain (reqwest wraps hyper wraps io),
+/// which says what actually went wrong without the URL the outer layers add.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = e;
+    while let Some(next) = source.source() {
+        source = next;
+    }
+    source.to_string()
+}
+
 /// The destination error for a non-success status, with the body excerpt.
 pub fn error_for_status(
     status: u16,

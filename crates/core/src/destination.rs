@@ -108,7 +108,8 @@ impl ConfigProblems {
     }
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
+/// How a JSON value's type reads in an error message ("a string", "a table").
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

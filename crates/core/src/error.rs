@@ -185,9 +185,12 @@ pub enum StoreError {
     /// Stored data could not be decoded (corruption or a newer schema).
     #[error("store data error: {0}")]
     Data(String),
-    /// Another process owns the store (SQLite lock), or a migration is incompatible.
+    /// The store cannot be used (unreachable, incompatible schema).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Another process owns the store (the SQLite file lock).
+    #[error("store locked: {0}")]
+    Locked(String),
     /// The caller asked for something invalid (e.g. an empty destination id).
     #[error("invalid store request: {0}")]
     Invalid(String),

@@ -77,6 +77,29 @@ pub fn is_secret_key(key: &str) -> bool {
     .any(|needle| k.contains(needle))
 }
 
+/// A URL with any password and query string masked, for printing config
+/// and errors (`https://u:***@host/path?***`). Text that is not a URL is
+/// returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, _)) => (r, "?***"),
+        None => (rest, ""),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    format!("{scheme}://{authority}{path}{query}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +116,18 @@ mod tests {
         assert_eq!(s.expose(), "hunter2");
         let back: Secret = serde_json::from_str("\"x\"").unwrap();
         assert_eq!(back.expose(), "x");
+    }
+
+    #[test]
+    fn urls_lose_passwords_and_queries() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("https://h/hook?token=abc"), "https://h/hook?***");
+        assert_eq!(redact_url("https://u@h/x"), "https://u@h/x");
+        assert_eq!(redact_url("https://h/p@x"), "https://h/p@x");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 
     #[test]

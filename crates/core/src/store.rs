@@ -317,8 +317,9 @@ pub trait JobStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Vec<Inserted>, StoreError>;
 
-    /// Claims up to `limit` due `waiting`/`failed` jobs of a destination in id
-    /// order, moving them to `executing` under `owner`'s lease. One statement.
+    /// Claims up to `limit` due `waiting`/`failed` jobs of a destination,
+    /// longest due first (`next_attempt_at`, then id), moving them to
+    /// `executing` under `owner`'s lease. One statement.
     async fn claim_jobs(
         &self,
         destination_id: &str,

@@ -48,6 +48,7 @@ pub async fn run(
                 &mut file,
                 destination,
                 message_id_field,
+                usize::MAX,
                 |jobs| {
                     let store = store.clone();
                     async move {
@@ -62,7 +63,7 @@ pub async fn run(
             debug_assert_eq!(report.inserted + report.duplicates, lines);
             Ok(report)
         }
-        Err(StoreError::Unavailable(why)) if why.contains("in use by another batchrouterd") => {
+        Err(StoreError::Locked(_)) => {
             eprintln!(
                 "The store is owned by a running batchrouterd; sending the jobs through its API."
             );
@@ -131,10 +132,13 @@ fn validate(file: &mut File, field: Option<&str>) -> anyhow::Result<u64> {
     Ok(count)
 }
 
+/// Feeds the input to `f` in chunks of at most [`CHUNK`] jobs and about
+/// `max_bytes` of payload.
 async fn for_each_chunk<F, Fut>(
     file: &mut File,
     destination: &str,
     field: Option<&str>,
+    max_bytes: usize,
     mut f: F,
     report: &mut EnqueueReport,
 ) -> anyhow::Result<()>
@@ -143,12 +147,22 @@ where
     Fut: std::future::Future<Output = Result<(u64, u64), StoreError>>,
 {
     let mut chunk = Vec::with_capacity(CHUNK);
+    let mut bytes = 0usize;
     for line in BufReader::new(file).lines() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
         let v: serde_json::Value = serde_json::from_str(&line)?;
+        // Room for the job envelope around the payload.
+        let size = line.len() + destination.len() + 128;
+        if !chunk.is_empty() && bytes + size > max_bytes {
+            let (n, d) = f(std::mem::take(&mut chunk)).await?;
+            report.inserted += n;
+            report.duplicates += d;
+            bytes = 0;
+        }
+        bytes += size;
         chunk.push(NewJob {
             destination_id: destination.to_string(),
             payload: line,
@@ -158,6 +172,7 @@ where
             let (n, d) = f(std::mem::take(&mut chunk)).await?;
             report.inserted += n;
             report.duplicates += d;
+            bytes = 0;
         }
     }
     if !chunk.is_empty() {
@@ -185,37 +200,68 @@ async fn via_api(
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let url = format!("http://{addr}/v1/jobs");
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()?;
+    let max_bytes = usize::try_from(cfg.server.max_body_bytes).unwrap_or(usize::MAX);
     let mut report = EnqueueReport {
         via_api: true,
         ..Default::default()
     };
     let token = cfg.server.auth_token.clone();
-    for_each_chunk(file, destination, field, |jobs| {
-        let mut body = Vec::new();
-        for j in &jobs {
-            let mut obj = serde_json::json!({"destinationId": j.destination_id, "payload": serde_json::from_str::<serde_json::Value>(&j.payload).unwrap_or_default()});
-            if let Some(m) = &j.message_id {
-                obj["messageId"] = serde_json::json!(m);
+    for_each_chunk(
+        file,
+        destination,
+        field,
+        max_bytes,
+        |jobs| {
+            let mut body = Vec::new();
+            for j in &jobs {
+                // The payload goes in as written: no re-serialisation.
+                let dest = serde_json::Value::String(j.destination_id.clone());
+                let _ = match &j.message_id {
+                    Some(m) => writeln!(
+                        body,
+                        "{{\"destinationId\":{dest},\"messageId\":{},\"payload\":{}}}",
+                        serde_json::Value::String(m.clone()),
+                        j.payload
+                    ),
+                    None => writeln!(
+                        body,
+                        "{{\"destinationId\":{dest},\"payload\":{}}}",
+                        j.payload
+                    ),
+                };
             }
-            let _ = writeln!(body, "{obj}");
-        }
-        let mut req = client.post(&url).header("content-type", "application/x-ndjson").body(body);
-        if let Some(t) = &token {
-            req = req.bearer_auth(t.expose());
-        }
-        async move {
-            let resp = req.send().await.map_err(|e| StoreError::Unavailable(format!("daemon API: {e}")))?;
-            let status = resp.status();
-            let v: serde_json::Value = resp.json().await.map_err(|e| StoreError::Unavailable(format!("daemon API: {e}")))?;
-            if status.as_u16() != 202 {
-                return Err(StoreError::Invalid(format!("daemon API answered {status}: {v}")));
+            let mut req = client
+                .post(&url)
+                .header("content-type", "application/x-ndjson")
+                .body(body);
+            if let Some(t) = &token {
+                req = req.bearer_auth(t.expose());
             }
-            let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
-            let dups = jobs.iter().filter(|j| j["duplicate"] == true).count() as u64;
-            Ok((jobs.len() as u64 - dups, dups))
-        }
-    }, &mut report)
+            async move {
+                let resp = req
+                    .send()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("daemon API: {e}")))?;
+                let status = resp.status();
+                let v: serde_json::Value = resp
+                    .json()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("daemon API: {e}")))?;
+                if status.as_u16() != 202 {
+                    return Err(StoreError::Invalid(format!(
+                        "daemon API answered {status}: {v}"
+                    )));
+                }
+                let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+                let dups = jobs.iter().filter(|j| j["duplicate"] == true).count() as u64;
+                Ok((jobs.len() as u64 - dups, dups))
+            }
+        },
+        &mut report,
+    )
     .await?;
     Ok(report)
 }

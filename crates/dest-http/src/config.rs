@@ -80,8 +80,9 @@ fn default_connect_timeout() -> String {
 }
 
 /// A validated config. Header values are secrets (they usually carry
-/// credentials), so `Debug` never shows them.
-#[derive(Clone, Debug)]
+/// credentials) and the URL may hold a password or token, so `Debug` shows
+/// neither.
+#[derive(Clone)]
 pub struct HttpConfig {
     /// Endpoint (http or https).
     pub url: reqwest::Url,
@@ -99,6 +100,24 @@ pub struct HttpConfig {
     pub timeout: Duration,
     /// TCP/TLS connect timeout.
     pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field(
+                "url",
+                &batchrouter_core::secret::redact_url(self.url.as_str()),
+            )
+            .field("method", &self.method)
+            .field("headers", &self.headers)
+            .field("mode", &self.mode)
+            .field("max_batch_size", &self.max_batch_size)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
 }
 
 /// Checks everything and reports every problem at once.
@@ -192,9 +211,14 @@ mod tests {
 
     #[test]
     fn header_values_are_redacted_in_debug() {
-        let c =
-            validate(&json!({"url": "http://x", "headers": {"Authorization": "Bearer s3cr3t"}}))
-                .unwrap();
-        assert!(!format!("{c:?}").contains("s3cr3t"));
+        let c = validate(&json!({
+            "url": "http://u:pw0rd@x/in?token=t0k",
+            "headers": {"Authorization": "Bearer s3cr3t"}
+        }))
+        .unwrap();
+        let shown = format!("{c:?}");
+        for secret in ["s3cr3t", "pw0rd", "t0k"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
     }
 }

@@ -11,11 +11,9 @@ pub fn to_line(payload: &str) -> Result<String, TransformError> {
         )));
     }
     if payload.contains(['\n', '\r']) {
-        // Pretty-printed JSON: newlines are insignificant whitespace there
-        // (inside strings they are escaped), so compacting keeps the record.
-        let v: serde_json::Value =
-            serde_json::from_str(payload).map_err(|e| TransformError::new(e.to_string()))?;
-        return Ok(v.to_string());
+        // In valid JSON a raw line break can only be whitespace (inside
+        // strings it is escaped), so spaces keep every other byte as sent.
+        return Ok(payload.replace(['\n', '\r'], " "));
     }
     Ok(payload.to_string())
 }
@@ -25,11 +23,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_payload_compacts_newlines_rejects_bad_json() {
+    fn keeps_payload_bytes_flattens_line_breaks_rejects_bad_json() {
         assert_eq!(to_line(r#"{"a": 1}"#).unwrap(), r#"{"a": 1}"#);
         assert_eq!(
             to_line("{\n  \"a\": \"x\\ny\"\n}").unwrap(),
-            r#"{"a":"x\ny"}"#
+            r#"{   "a": "x\ny" }"#
+        );
+        // Key order and big numbers stay exactly as sent.
+        let odd = "{\"z\": 1,\r\n \"a\": 12345678901234567890123}";
+        assert_eq!(
+            to_line(odd).unwrap(),
+            "{\"z\": 1,   \"a\": 12345678901234567890123}"
         );
         let e = to_line("{\"a\": ").unwrap_err();
         assert!(

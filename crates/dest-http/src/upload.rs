@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use batchrouter_core::classify::{error_for_status, parse_retry_after};
+use batchrouter_core::classify::{error_for_status, parse_retry_after, root_cause};
 use batchrouter_core::{
     DestinationError, DestinationTelemetry, ErrorCode, JobError, JobId, Outcome, StagedBatch,
     UploadOutput,
@@ -48,6 +48,9 @@ impl Client {
             headers.insert(name, value);
         }
         let http = reqwest::Client::builder()
+            // A redirect would turn POST into GET (dropping the records while
+            // answering 2xx) and could carry secret headers to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.connect_timeout)
             .pool_max_idle_per_host(cfg.max_in_flight.max(4))
@@ -234,15 +237,6 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> DestinationError {
     } else {
         DestinationError::retryable(format!("request failed: {}", root_cause(e)))
     }
-}
-
-/// The innermost error message (reqwest wraps hyper wraps io), without the URL.
-fn root_cause(e: &reqwest::Error) -> String {
-    let mut source: &dyn std::error::Error = e;
-    while let Some(next) = source.source() {
-        source = next;
-    }
-    source.to_string()
 }
 
 async fn read_limited(mut resp: reqwest::Response, limit: usize) -> String {

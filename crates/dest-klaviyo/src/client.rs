@@ -12,14 +12,16 @@ use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
 };
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::config::KlaviyoConfig;
-use crate::ratelimit::{RateLimiter, MAX_PAUSE};
+use crate::ratelimit::{RateLimiter, Refused, MAX_PAUSE};
 
 /// JSON:API media type Klaviyo requires on requests and answers.
 pub const JSON_API: &str = "application/vnd.api+json";
-/// Largest answer read into memory; Klaviyo's answers are a few KB.
-const MAX_ANSWER_BYTES: usize = 8 << 20;
+/// Largest answer read into memory; Klaviyo's answers are a few KB (a page
+/// of 100 import errors echoing 100 KB profiles stays well under it).
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
 
 /// Why a request produced no HTTP answer.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,21 @@ pub enum RequestError {
     /// A 429 pause is in force; nothing was sent.
     #[error("Klaviyo asked us to pause ({0:?} left after a 429)")]
     Paused(Duration),
+    /// The rate limit has no free slot before the caller's deadline
+    /// (`uploadTimeBudget`); nothing was sent. Holds the wait to the next slot.
+    #[error("not sent: the destination's rate limit has no free request slot within uploadTimeBudget (next slot in {0:?})")]
+    OutOfTime(Duration),
+    /// The answer was larger than this client reads ([`MAX_ANSWER_BYTES`]);
+    /// it was not read, rather than cut and misread as malformed JSON.
+    #[error(
+        "Klaviyo's answer (HTTP {status}) is too large: over {limit} bytes, so it was not read"
+    )]
+    TooLarge {
+        /// HTTP status of the answer.
+        status: u16,
+        /// The cap that was exceeded.
+        limit: usize,
+    },
     /// The request did not finish within `requestTimeout` / `connectTimeout`.
     #[error("request to Klaviyo timed out: {0}")]
     Timeout(String),
@@ -39,10 +56,12 @@ impl RequestError {
     /// The class the router acts on: pauses throttle, the rest is transient.
     pub fn to_destination_error(&self) -> DestinationError {
         match self {
-            RequestError::Paused(d) => DestinationError::throttled(self.to_string(), Some(*d)),
-            RequestError::Timeout(_) | RequestError::Transport(_) => {
-                DestinationError::retryable(self.to_string())
+            RequestError::Paused(d) | RequestError::OutOfTime(d) => {
+                DestinationError::throttled(self.to_string(), Some(*d))
             }
+            RequestError::Timeout(_)
+            | RequestError::Transport(_)
+            | RequestError::TooLarge { .. } => DestinationError::retryable(self.to_string()),
         }
     }
 }
@@ -235,23 +254,39 @@ impl KlaviyoClient {
         origin_of(url).is_some_and(|o| o == self.origin)
     }
 
-    /// POSTs a JSON:API body.
-    pub async fn post(&self, url: &str, body: Bytes) -> Result<Answer, RequestError> {
+    /// POSTs a JSON:API body; it is not sent when the rate limit has no
+    /// slot before `deadline` ([`RequestError::OutOfTime`]).
+    pub async fn post(
+        &self,
+        url: &str,
+        body: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, RequestError> {
         let req = self
             .http
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static(JSON_API))
             .body(body);
-        self.send(req).await
+        self.send(req, deadline).await
     }
 
-    /// GETs a resource.
-    pub async fn get(&self, url: &str) -> Result<Answer, RequestError> {
-        self.send(self.http.get(url)).await
+    /// GETs a resource; see [`KlaviyoClient::post`] for `deadline`.
+    pub async fn get(&self, url: &str, deadline: Option<Instant>) -> Result<Answer, RequestError> {
+        self.send(self.http.get(url), deadline).await
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer, RequestError> {
-        self.limiter.acquire().await.map_err(RequestError::Paused)?;
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, RequestError> {
+        self.limiter
+            .acquire(deadline)
+            .await
+            .map_err(|refused| match refused {
+                Refused::Paused(d) => RequestError::Paused(d),
+                Refused::NoSlotBefore(d) => RequestError::OutOfTime(d),
+            })?;
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => return Err(self.transport_error(e)),
@@ -269,7 +304,16 @@ impl KlaviyoClient {
                 self.limiter.pause_for(d);
             }
         }
-        let body = read_capped(resp).await.map_err(|e| self.body_error(e))?;
+        let body = match read_capped(resp, MAX_ANSWER_BYTES).await {
+            Ok(b) => b,
+            Err(ReadError::TooLarge) => {
+                return Err(RequestError::TooLarge {
+                    status,
+                    limit: MAX_ANSWER_BYTES,
+                })
+            }
+            Err(ReadError::Http(e)) => return Err(self.body_error(e)),
+        };
         Ok(Answer {
             status,
             body,
@@ -301,12 +345,24 @@ impl KlaviyoClient {
     }
 }
 
-async fn read_capped(mut resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+/// Why an answer's body was not read.
+enum ReadError {
+    /// Longer than the cap (announced by `Content-Length` or found while reading).
+    TooLarge,
+    /// The connection failed while reading.
+    Http(reqwest::Error),
+}
+
+/// Reads a body of at most `limit` bytes; a longer one is an error, never
+/// silently cut (a cut body would surface later as "malformed JSON").
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ReadError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge);
+    }
     let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        if buf.len() + chunk.len() > MAX_ANSWER_BYTES {
-            buf.extend_from_slice(&chunk[..MAX_ANSWER_BYTES - buf.len()]);
-            break;
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
+        if buf.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
         }
         buf.extend_from_slice(&chunk);
     }

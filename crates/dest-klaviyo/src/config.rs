@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use batchrouter_core::destination::json_kind as kind;
 use batchrouter_core::lookup::{parse_bytes, parse_duration};
-use batchrouter_core::{parse_destination_config, ConfigProblems, Secret};
+use batchrouter_core::{parse_destination_config, ConfigProblems, ManagerLimits, Secret};
 use serde_json::{Map, Value};
 
 /// The vendor's API host, used when `baseUrl` is not set.
@@ -28,6 +29,10 @@ pub const DEFAULT_RATE_LIMIT_PER_MINUTE: u32 = 150;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default whole-request timeout (a 5 MB upload over a slow link fits).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `uploadTimeBudget`: with the default `requestTimeout` an upload
+/// ends within 9 minutes, under the router's default `asyncUploadTimeout`
+/// (10 minutes), so the imports it created are always recorded.
+pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
 /// Longest timeout accepted: anything longer is a typo, not a wish.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Smallest request body cap accepted: anything smaller cannot hold a real profile.
@@ -48,6 +53,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "rateLimitPerMinute",
     "connectTimeout",
     "requestTimeout",
+    "uploadTimeBudget",
 ];
 
 /// A validated destination config; only [`KlaviyoConfig::from_value`] builds one.
@@ -75,6 +81,9 @@ pub struct KlaviyoConfig {
     pub connect_timeout: Duration,
     /// Bound on one whole request, body upload and answer included.
     pub request_timeout: Duration,
+    /// No request of one upload (or one read of import errors) starts later
+    /// than this after the call began; the rest is throttled unsent.
+    pub upload_time_budget: Duration,
 }
 
 impl KlaviyoConfig {
@@ -194,6 +203,9 @@ impl KlaviyoConfig {
         let request_timeout = p
             .duration("requestTimeout")
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let upload_time_budget = p
+            .duration("uploadTimeBudget")
+            .unwrap_or(DEFAULT_UPLOAD_TIME_BUDGET);
 
         problems.into_result()?;
         Ok(KlaviyoConfig {
@@ -208,7 +220,39 @@ impl KlaviyoConfig {
             rate_limit_per_minute: per_minute,
             connect_timeout,
             request_timeout,
+            upload_time_budget,
         })
+    }
+
+    /// Requests one upload can count on within `uploadTimeBudget`: half of
+    /// what the burst and steady rates allow in that time (the other half is
+    /// left to polls, result reads, 413 splits and resubmissions, and other
+    /// uploads of the destination), at least 1.
+    pub fn requests_in_budget(&self) -> u64 {
+        let secs = self.upload_time_budget.as_secs_f64();
+        let by_minute = secs / 60.0 * f64::from(self.rate_limit_per_minute);
+        let by_second = secs * f64::from(self.rate_limit_per_second);
+        ((by_minute.min(by_second) / 2.0).floor() as u64).max(1)
+    }
+
+    /// The batch limits that let one upload finish within
+    /// `uploadTimeBudget`: [`requests_in_budget`](Self::requests_in_budget)
+    /// full requests. Greedy packing puts more than `maxRequestBytes` minus
+    /// the envelope into any two consecutive requests, so half of it per
+    /// request is a floor.
+    pub fn manager_limits(&self) -> ManagerLimits {
+        let requests = self.requests_in_budget();
+        let events = requests.saturating_mul(self.max_profiles_per_request as u64);
+        let list_overhead = self.list_id.as_ref().map_or(0, |l| l.len() as u64 + 64);
+        let per_request = (self
+            .max_request_bytes
+            .saturating_sub(ENVELOPE_OVERHEAD + list_overhead)
+            / 2)
+        .max(1);
+        ManagerLimits {
+            max_upload_bytes: Some(requests.saturating_mul(per_request)),
+            max_events: Some(usize::try_from(events).unwrap_or(usize::MAX)),
+        }
     }
 }
 
@@ -324,17 +368,6 @@ impl Checker<'_> {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a table",
-    }
-}
-
 /// Checks an http(s) base URL and returns it without a trailing slash.
 fn check_base_url(raw: &str) -> Result<String, String> {
     let url = reqwest::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e})"))?;
@@ -395,6 +428,7 @@ mod tests {
         );
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.request_timeout, Duration::from_secs(60));
+        assert_eq!(c.upload_time_budget, Duration::from_secs(480));
         assert_eq!(c.list_id, None);
         assert!(
             !format!("{c:?}").contains("pk_abc"),
@@ -415,7 +449,8 @@ mod tests {
             "rateLimitPerSecond": 3,
             "rateLimitPerMinute": "60",
             "connectTimeout": "2s",
-            "requestTimeout": 30
+            "requestTimeout": 30,
+            "uploadTimeBudget": "5m"
         }))
         .unwrap();
         assert_eq!(c.base_url, "http://127.0.0.1:8080");
@@ -427,6 +462,7 @@ mod tests {
         assert_eq!((c.rate_limit_per_second, c.rate_limit_per_minute), (3, 60));
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.upload_time_budget, Duration::from_secs(300));
     }
 
     #[test]
@@ -442,7 +478,8 @@ mod tests {
             "rateLimitPerSecond": 0,
             "rateLimitPerMinute": "fast",
             "connectTimeout": "0s",
-            "requestTimeout": true
+            "requestTimeout": true,
+            "uploadTimeBudget": "2h"
         }))
         .unwrap_err();
         let all = err.0.join("\n");
@@ -459,10 +496,11 @@ mod tests {
             "`rateLimitPerMinute`:",
             "`connectTimeout` must be longer than zero",
             "`requestTimeout` must be a duration",
+            "`uploadTimeBudget` = 7200s is longer than the 1h allowed",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        assert_eq!(err.0.len(), 12, "{all}");
+        assert_eq!(err.0.len(), 13, "{all}");
     }
 
     #[test]
@@ -517,5 +555,45 @@ mod tests {
         ] {
             assert!(!is_revision(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn batch_limits_fit_one_upload_in_its_time_budget() {
+        let c = KlaviyoConfig::from_value(&json!({"privateApiKey": "k"})).unwrap();
+        // 8 min at 150/min (burst 10/s allows more): 1,200 requests, half planned.
+        assert_eq!(c.requests_in_budget(), 600);
+        let l = c.manager_limits();
+        assert_eq!(l.max_events, Some(6_000_000));
+        assert_eq!(
+            l.max_upload_bytes,
+            Some(600 * ((DEFAULT_MAX_REQUEST_BYTES - ENVELOPE_OVERHEAD) / 2))
+        );
+
+        // A slow account: 12 requests/min for 1 minute → 6 requests.
+        let slow = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "rateLimitPerMinute": 12, "uploadTimeBudget": "1m",
+            "maxProfilesPerRequest": 1000
+        }))
+        .unwrap();
+        assert_eq!(slow.requests_in_budget(), 6);
+        assert_eq!(slow.manager_limits().max_events, Some(6_000));
+        // The burst rate binds when it is the tighter one.
+        let bursty = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "rateLimitPerSecond": 1, "uploadTimeBudget": "10s"
+        }))
+        .unwrap();
+        assert_eq!(bursty.requests_in_budget(), 5);
+        // Never zero, never overflowing.
+        let tiny = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "rateLimitPerMinute": 1, "uploadTimeBudget": "1s"
+        }))
+        .unwrap();
+        assert_eq!(tiny.requests_in_budget(), 1);
+        let huge = KlaviyoConfig::from_value(&json!({
+            "privateApiKey": "k", "rateLimitPerSecond": 4_000_000_000u64,
+            "rateLimitPerMinute": 4_000_000_000u64, "uploadTimeBudget": "1h"
+        }))
+        .unwrap();
+        assert!(huge.manager_limits().max_events.unwrap() > 1_000_000_000);
     }
 }

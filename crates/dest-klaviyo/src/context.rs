@@ -260,8 +260,18 @@ impl<'a> Matcher<'a> {
 
     /// The job(s) whose profile shares the most identifiers with `keys`;
     /// among equals, the error's pointer index (when it names one of them)
-    /// decides.
+    /// decides. An error that carries no identifier at all (no
+    /// `original_payload`, or one without email, phone, external id or id)
+    /// is matched by its pointer index alone: profiles are kept in request
+    /// order, so the index names the profile. Identifiers that match nothing
+    /// stay unmatched (the pointer is not trusted against them).
     pub fn find(&self, keys: &ProfileKeys, pointer_index: Option<usize>) -> Match {
+        if keys.keys().next().is_none() {
+            return match pointer_index.and_then(|i| self.profiles.get(i)) {
+                Some(p) => Match::One(p.job),
+                None => Match::None,
+            };
+        }
         let mut score: HashMap<usize, usize> = HashMap::new();
         for key in keys.keys() {
             for &i in self.index.get(&key).map(Vec::as_slice).unwrap_or(&[]) {
@@ -430,5 +440,25 @@ mod tests {
             ),
             Match::One(1)
         );
+    }
+
+    #[test]
+    fn errors_without_identifiers_are_matched_by_their_pointer_index() {
+        let profiles = vec![
+            ProfileKeys::from_parts(10, None, Some(&json!({"email": "a@x.io"}))),
+            ProfileKeys::from_parts(11, None, Some(&json!({"email": "b@x.io"}))),
+        ];
+        let m = Matcher::new(&profiles);
+        let none = ProfileKeys::default();
+        assert_eq!(m.find(&none, Some(1)), Match::One(11));
+        assert_eq!(m.find(&none, Some(0)), Match::One(10));
+        assert_eq!(m.find(&none, Some(2)), Match::None, "outside the request");
+        assert_eq!(m.find(&none, None), Match::None);
+        // A payload without identifiers counts as none.
+        let anon = ProfileKeys::from_original_payload(&json!({"first_name": "x"}));
+        assert_eq!(m.find(&anon, Some(1)), Match::One(11));
+        // Identifiers that match nothing are not overridden by the pointer.
+        let foreign = ProfileKeys::from_original_payload(&json!({"email": "c@x.io"}));
+        assert_eq!(m.find(&foreign, Some(1)), Match::None);
     }
 }

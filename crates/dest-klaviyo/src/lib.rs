@@ -10,10 +10,17 @@
 //!   its own import whose context holds the Klaviyo job id and the
 //!   profile-key→job map ([`context::ImportContext`]), so polls and stats
 //!   need nothing from memory and survive a restart.
+//!   No request starts later than `uploadTimeBudget` into the call, and
+//!   [`limits`](AsyncDestinationManager::limits) sizes batches so one fits
+//!   in that budget at the configured rate, so an upload always returns (and
+//!   its imports are recorded) before the router's `asyncUploadTimeout`.
 //! * `poll` maps `queued`/`processing`/`complete`/`cancelled` to the router's
-//!   poll states; a poll that did not work is an error, never a failed import.
-//! * `get_upload_stats` reads every page of `import-errors` and aborts the
-//!   jobs whose profiles Klaviyo rejected.
+//!   poll states; a poll that did not work is an error, never a failed import
+//!   (a 404 too, until the import is [`poll::NOT_FOUND_GRACE`] old).
+//! * `get_upload_stats` reads every page of `import-errors` (100 per page,
+//!   waiting out a 429 between pages) and aborts the jobs whose profiles
+//!   Klaviyo rejected; fewer errors listed than failed profiles is an error,
+//!   so the results are read again rather than the rest reported succeeded.
 //!
 //! Every request of a destination goes through one sliding-window limiter
 //! (burst per second, steady per minute; a 429's `Retry-After` pauses all).
@@ -31,9 +38,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError,
-    DestinationTelemetry, ImportHandle, Job, ManagerLimits, PollStatus, StagedBatch,
-    TransformError, UploadOutput, UploadStats,
+    AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError, ImportHandle,
+    Job, ManagerLimits, PollStatus, StagedBatch, TransformError, UploadOutput, UploadStats,
 };
 
 pub use config::{KlaviyoConfig, CONFIG_KEYS};
@@ -56,7 +62,6 @@ pub struct KlaviyoManager {
     pub(crate) cfg: KlaviyoConfig,
     pub(crate) client: client::KlaviyoClient,
     pub(crate) destination_id: String,
-    pub(crate) telemetry: Arc<dyn DestinationTelemetry>,
 }
 
 impl KlaviyoManager {
@@ -72,7 +77,6 @@ impl KlaviyoManager {
             cfg,
             client,
             destination_id: ctx.id.clone(),
-            telemetry: ctx.telemetry.clone(),
         })
     }
 
@@ -113,7 +117,8 @@ impl AsyncDestinationManager for KlaviyoManager {
     }
 
     fn limits(&self) -> ManagerLimits {
-        // Batches of any size are split into as many imports as needed.
-        ManagerLimits::default()
+        // A batch is split into as many imports as needed, but all of them
+        // must be sent within `uploadTimeBudget` at the configured rate.
+        self.cfg.manager_limits()
     }
 }

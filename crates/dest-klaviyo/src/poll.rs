@@ -3,7 +3,11 @@
 //! does not work is an `Err` (the router keeps the import); only a verdict
 //! from Klaviyo about the import itself ends it.
 
-use batchrouter_core::{DestinationError, ErrorCode, ImportHandle, JobError, PollStatus};
+use std::time::Duration;
+
+use batchrouter_core::{
+    DestinationError, ErrorCode, ImportHandle, JobError, PollStatus, Timestamp,
+};
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -60,6 +64,26 @@ impl JobDocument {
     }
 }
 
+/// How long after an import's creation a 404 for it is taken as "this import
+/// is gone" (and its jobs uploaded again) rather than as a lookup that may
+/// work later (replication lag, a proxy's hiccup). Before that a 404 is a
+/// poll error: the import is kept and polled again.
+pub const NOT_FOUND_GRACE: Duration = Duration::from_secs(10 * 60);
+
+/// Whether a 404 for `import` means it is really gone (see [`NOT_FOUND_GRACE`]).
+pub fn gone_for_good(import: &ImportHandle) -> bool {
+    Timestamp::now().since(import.started_at) >= NOT_FOUND_GRACE
+}
+
+/// The poll error for a 404 within [`NOT_FOUND_GRACE`].
+pub fn not_found_yet(import: &ImportHandle, klaviyo_job_id: &str) -> DestinationError {
+    let age = Timestamp::now().since(import.started_at).as_secs();
+    DestinationError::retryable(format!(
+        "Klaviyo does not know import job {klaviyo_job_id} (HTTP 404) {age}s after it was created; asking again (it is given up {}s after creation)",
+        NOT_FOUND_GRACE.as_secs()
+    ))
+}
+
 /// The path of one import job.
 pub fn job_path(klaviyo_job_id: &str) -> String {
     format!("/api/profile-bulk-import-jobs/{klaviyo_job_id}")
@@ -83,10 +107,14 @@ pub async fn poll(
         }
     };
     let url = m.client.url(&job_path(&ctx.klaviyo_job_id));
-    let answer = m.client.get(&url).await.map_err(|e| {
+    let answer = m.client.get(&url, None).await.map_err(|e| {
         warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, error = %e, "klaviyo poll failed");
         e.to_destination_error()
     })?;
+    if answer.status == 404 && !gone_for_good(import) {
+        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet); polling again");
+        return Err(not_found_yet(import, &ctx.klaviyo_job_id));
+    }
     if answer.status == 404 {
         let msg = format!(
             "Klaviyo no longer knows import job {} (HTTP 404: expired or deleted); the jobs will be uploaded again",

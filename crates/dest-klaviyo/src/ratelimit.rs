@@ -16,6 +16,15 @@ const WINDOW_MARGIN_PER_SECOND: Duration = Duration::from_millis(10);
 /// The longest `Retry-After` honoured; a larger hint is treated as this.
 pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
+/// Why [`RateLimiter::acquire`] gave no slot; nothing was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A 429 pause is in force for this much longer.
+    Paused(Duration),
+    /// The next free slot is this far away, after the caller's deadline.
+    NoSlotBefore(Duration),
+}
+
 /// Sliding-window limiter: at most `per_second` requests start in any
 /// one-second window and at most `per_minute` in any one-minute window.
 pub struct RateLimiter {
@@ -46,16 +55,18 @@ impl RateLimiter {
         }
     }
 
-    /// Waits for a request slot. Returns the remaining pause instead of
-    /// waiting when a 429 pause is in force, so callers can hand the hint
-    /// to the router rather than hold a job for minutes.
-    pub async fn acquire(&self) -> Result<(), Duration> {
+    /// Waits for a request slot. Answers at once instead of waiting when a
+    /// 429 pause is in force ([`Refused::Paused`], so callers can hand the
+    /// hint to the router rather than hold a job for minutes) or when the
+    /// next free slot lies after `deadline` ([`Refused::NoSlotBefore`]; no
+    /// slot is taken, so the budget stays for the callers that can use it).
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<(), Refused> {
         let slot = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if let Some(until) = st.paused_until {
                 if until > now {
-                    return Err(until - now);
+                    return Err(Refused::Paused(until - now));
                 }
                 st.paused_until = None;
             }
@@ -66,6 +77,9 @@ impl RateLimiter {
             }
             if n >= self.per_minute {
                 slot = slot.max(st.granted[n - self.per_minute] + self.minute);
+            }
+            if deadline.is_some_and(|d| slot > d) {
+                return Err(Refused::NoSlotBefore(slot - now));
             }
             st.granted.push_back(slot);
             // Only the last `max(per_second, per_minute)` grants within the
@@ -116,7 +130,7 @@ mod tests {
         for _ in 0..60 {
             let l = limiter.clone();
             tasks.push(tokio::spawn(async move {
-                l.acquire().await.unwrap();
+                l.acquire(None).await.unwrap();
                 Instant::now()
             }));
         }
@@ -139,13 +153,40 @@ mod tests {
         let limiter = RateLimiter::new(10, 150);
         limiter.pause_for(Duration::from_secs(5));
         limiter.pause_for(Duration::from_secs(2));
-        let left = limiter.acquire().await.unwrap_err();
-        assert_eq!(left, Duration::from_secs(5));
+        let left = limiter.acquire(None).await.unwrap_err();
+        assert_eq!(left, Refused::Paused(Duration::from_secs(5)));
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(limiter.acquire().await.unwrap_err(), Duration::from_secs(2));
+        assert_eq!(
+            limiter.acquire(None).await.unwrap_err(),
+            Refused::Paused(Duration::from_secs(2))
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
-        limiter.acquire().await.unwrap();
+        limiter.acquire(None).await.unwrap();
         limiter.pause_for(Duration::from_secs(100_000));
-        assert_eq!(limiter.acquire().await.unwrap_err(), MAX_PAUSE);
+        assert_eq!(
+            limiter.acquire(None).await.unwrap_err(),
+            Refused::Paused(MAX_PAUSE)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_after_the_deadline_is_refused_without_being_taken() {
+        let limiter = RateLimiter::new(1, 60);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(2);
+        limiter.acquire(Some(deadline)).await.unwrap();
+        limiter.acquire(Some(deadline)).await.unwrap();
+        assert!(Instant::now() - start >= Duration::from_secs(1));
+        // The third slot (about 2.02 s after the first) is past the deadline.
+        match limiter.acquire(Some(deadline)).await.unwrap_err() {
+            Refused::NoSlotBefore(d) => {
+                assert!(d > Duration::ZERO && d <= Duration::from_secs(2), "{d:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Refusing took no slot: a caller without a deadline gets that same slot.
+        limiter.acquire(None).await.unwrap();
+        let third = Instant::now() - start;
+        assert!(third < Duration::from_millis(2_100), "{third:?}");
     }
 }

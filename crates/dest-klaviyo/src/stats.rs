@@ -2,8 +2,15 @@
 //! `/import-errors` (following `links.next` to the end) is mapped back to
 //! jobs through the key map persisted in the import context, so the answer
 //! is the same in a freshly started daemon.
+//!
+//! Pages are asked for at the documented maximum of 100 errors (`page[size]`;
+//! default 20), and a 429 pause between two pages is waited out (at most
+//! [`MAX_PAGE_WAIT`] at a time, within `uploadTimeBudget` overall) before
+//! going on from the same cursor: under load the read still ends instead of
+//! starting over at page 1 after every throttle.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use batchrouter_core::{
     DestinationError, ErrorCode, ImportHandle, JobError, JobId, Outcome, UploadStats,
@@ -12,10 +19,18 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use crate::client::{describe, profile_index, ErrorSource};
+use crate::client::{describe, profile_index, ErrorSource, RequestError};
 use crate::context::{ImportContext, Match, Matcher, ProfileKeys};
-use crate::poll::{job_path, JobDocument};
+use crate::poll::{gone_for_good, job_path, not_found_yet, JobDocument};
 use crate::KlaviyoManager;
+
+/// Import errors asked for per page: Klaviyo's documented maximum for
+/// `page[size]` on this endpoint (default 20, min 1, max 100).
+pub const ERRORS_PAGE_SIZE: u32 = 100;
+/// The longest single wait for a 429 pause between two pages.
+pub const MAX_PAGE_WAIT: Duration = Duration::from_secs(60);
+/// The wait after a 429 that named no `Retry-After`.
+const DEFAULT_PAGE_WAIT: Duration = Duration::from_secs(1);
 
 /// One page of `import-error` resources.
 #[derive(Debug, Deserialize)]
@@ -72,9 +87,13 @@ pub async fn get_upload_stats(
     let job_url = m.client.url(&job_path(&ctx.klaviyo_job_id));
     let answer = m
         .client
-        .get(&job_url)
+        .get(&job_url, None)
         .await
         .map_err(|e| e.to_destination_error())?;
+    if answer.status == 404 && !gone_for_good(import) {
+        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet) when reading results; asking again later");
+        return Err(not_found_yet(import, &ctx.klaviyo_job_id));
+    }
     if answer.status == 404 {
         warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found when reading results");
         return Ok(all_failed(
@@ -112,14 +131,39 @@ pub async fn get_upload_stats(
     // failed profiles (plus slack) means the links go round in circles.
     let max_pages = failed_count + 2;
     let mut seen: HashSet<String> = HashSet::new();
-    let mut url = format!("{job_url}/import-errors");
+    let mut url = format!("{job_url}/import-errors?page[size]={ERRORS_PAGE_SIZE}");
+    let deadline = tokio::time::Instant::now() + m.cfg.upload_time_budget;
+    let mut waits = 0u32;
     loop {
+        // A 429 pause (seen here or by another caller) is waited out and the
+        // same page asked again: the pages read so far are kept.
+        let pause = match m.client.get(&url, Some(deadline)).await {
+            Ok(a) if a.status == 429 => Err(a.retry_after.unwrap_or(DEFAULT_PAGE_WAIT)),
+            Ok(a) => Ok(a),
+            Err(RequestError::Paused(d)) => Err(d),
+            Err(e) => {
+                warn!(destination = %m.destination_id, import = import.id, page = pages + 1, error = %e, "klaviyo import-errors page not read");
+                return Err(e.to_destination_error());
+            }
+        };
+        let answer = match pause {
+            Ok(a) => a,
+            Err(pause) => {
+                let wait = pause.clamp(Duration::from_millis(10), MAX_PAGE_WAIT);
+                if tokio::time::Instant::now() + wait > deadline {
+                    warn!(destination = %m.destination_id, import = import.id, page = pages + 1, pause_ms = pause.as_millis() as u64, "klaviyo import-errors paused past uploadTimeBudget; reading again later");
+                    return Err(DestinationError::throttled(
+                        format!("Klaviyo paused reading import errors (page {}) past uploadTimeBudget; reading again later", pages + 1),
+                        Some(pause),
+                    ));
+                }
+                waits += 1;
+                info!(destination = %m.destination_id, import = import.id, page = pages + 1, wait_ms = wait.as_millis() as u64, "klaviyo import-errors paused by a 429; waiting, then going on from the same page");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
         pages += 1;
-        let answer = m
-            .client
-            .get(&url)
-            .await
-            .map_err(|e| e.to_destination_error())?;
         if let Some(e) = answer.to_destination_error() {
             warn!(destination = %m.destination_id, import = import.id, page = pages, status = answer.status, error = %e, "klaviyo import-errors page refused");
             return Err(e);
@@ -181,10 +225,15 @@ pub async fn get_upload_stats(
     }
 
     if listed < failed_count {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, failed_count, listed, "klaviyo listed fewer import errors than failed profiles");
+        // The unlisted failed profiles would end `succeeded`: read again
+        // later (the router retries until the import deadline).
+        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, failed_count, listed, pages, "klaviyo listed fewer import errors than failed profiles; results will be read again");
+        return Err(DestinationError::retryable(format!(
+            "Klaviyo reports {failed_count} failed profiles for import job {} but lists {listed} import errors; reading the results again later",
+            ctx.klaviyo_job_id
+        )));
     }
     if unmatched > 0 {
-        m.telemetry.unmatched_results(unmatched);
         warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, unmatched, "klaviyo import errors matched no job");
     }
     info!(
@@ -194,6 +243,7 @@ pub async fn get_upload_stats(
         failed_count,
         errors = listed,
         pages,
+        waits,
         rejected_jobs = reasons.len(),
         unmatched,
         "klaviyo upload stats"

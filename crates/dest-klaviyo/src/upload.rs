@@ -9,7 +9,14 @@
 //! those jobs aborted, the rest resubmitted once; 413 → the request is split
 //! in halves; 429 → throttled (this request and the rest of the batch);
 //! 5xx, timeouts, transport → failed (the rest of the batch is not sent);
-//! other 4xx → aborted with Klaviyo's detail (401/403 stop the batch).
+//! other 4xx → aborted with Klaviyo's detail, and the rest of the batch
+//! aborted unsent with the same reason (every request of a batch shares the
+//! key, revision and list, which is what such an answer is about).
+//!
+//! No request starts later than `uploadTimeBudget` after the upload began:
+//! what is left is throttled unsent, so the call returns (with the imports
+//! already created) well before the router's `asyncUploadTimeout` would
+//! drop it and lose them.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::ops::Range;
@@ -35,14 +42,14 @@ const BODY_PREFIX: &str =
 
 /// The fixed text around the profiles of a request body.
 #[derive(Clone, Debug)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     prefix: &'static str,
     suffix: String,
 }
 
 impl Envelope {
     /// The envelope for an optional list association.
-    pub fn new(list_id: Option<&str>) -> Self {
+    pub(crate) fn new(list_id: Option<&str>) -> Self {
         let mut suffix = String::from("]}}");
         if let Some(list) = list_id {
             let id = serde_json::to_string(list).unwrap_or_else(|_| "\"\"".into());
@@ -58,27 +65,8 @@ impl Envelope {
     }
 
     /// Bytes of envelope around the profiles.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         (self.prefix.len() + self.suffix.len()) as u64
-    }
-
-    /// Whether the envelope is empty (it never is; clippy wants the pair).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The exact encoded size of a body holding profiles of these sizes.
-    pub fn body_len(&self, line_bytes: u64, profiles: usize) -> u64 {
-        self.len() + line_bytes + profiles.saturating_sub(1) as u64
-    }
-
-    /// The request body: the staged lines, comma-separated, in the envelope.
-    pub fn body<S: AsRef<[u8]>>(&self, lines: &[S]) -> Bytes {
-        let mut b = ChunkBuilder::new(self);
-        for (i, l) in lines.iter().enumerate() {
-            b.push(i as JobId, l.as_ref(), ProfileKeys::default());
-        }
-        b.finish(self).body
     }
 }
 
@@ -318,6 +306,8 @@ struct Run<'a> {
     m: &'a KlaviyoManager,
     envelope: Envelope,
     url: String,
+    /// No request starts after this (`uploadTimeBudget` from the start).
+    deadline: tokio::time::Instant,
     out: UploadOutput,
     stop: Option<Stop>,
     requests: u32,
@@ -334,6 +324,7 @@ pub async fn upload(m: &KlaviyoManager, batch: &StagedBatch) -> UploadOutput {
         m,
         envelope: envelope.clone(),
         url: m.client.url(CREATE_PATH),
+        deadline: tokio::time::Instant::now() + m.cfg.upload_time_budget,
         out: UploadOutput::default(),
         stop: None,
         requests: 0,
@@ -449,7 +440,12 @@ impl Run<'_> {
                 continue;
             }
             self.requests += 1;
-            let answer = match self.m.client.post(&self.url, chunk.body.clone()).await {
+            let answer = match self
+                .m
+                .client
+                .post(&self.url, chunk.body.clone(), Some(self.deadline))
+                .await
+            {
                 Ok(a) => a,
                 Err(e) => {
                     self.request_failed(&chunk.jobs, &e);
@@ -487,8 +483,13 @@ impl Run<'_> {
                     match attributable(&answer, chunk.len()) {
                         Some(bad) => self.strip(chunk, bad, may_resubmit, &answer, &mut queue),
                         None => {
+                            // Nothing names a profile: the refusal is about
+                            // what every request of the batch shares (list,
+                            // revision, envelope), so the rest would get it too.
                             let e = JobError::new(ErrorCode::DestinationRejected, answer.summary());
-                            self.decide_all(&chunk.jobs, &Outcome::Aborted(e));
+                            warn!(destination = %self.m.destination_id, status = answer.status, profiles = chunk.len(), reason = %e.message, "klaviyo refused a request for a reason naming no profile; the rest of the batch is not sent");
+                            self.decide_all(&chunk.jobs, &Outcome::Aborted(e.clone()));
+                            self.stop = Some(Stop::Aborted(refused_batch(&e)));
                         }
                     }
                 }
@@ -518,8 +519,13 @@ impl Run<'_> {
         let je = JobError::from(&de);
         self.out.note_retry_after(de.retry_after());
         self.decide_all(jobs, &Outcome::from_destination_error(&de));
-        self.stop = Some(match de {
-            DestinationError::Throttled { .. } => Stop::Throttled(not_sent(&je)),
+        self.stop = Some(match (e, de) {
+            // Out of time: nothing failed, the rest is simply not sent either.
+            (RequestError::OutOfTime(_), _) => {
+                info!(destination = %self.m.destination_id, budget_ms = self.m.cfg.upload_time_budget.as_millis() as u64, imports = self.out.imports.len(), "klaviyo upload reached uploadTimeBudget; the rest of the batch is throttled unsent");
+                Stop::Throttled(je)
+            }
+            (_, DestinationError::Throttled { .. }) => Stop::Throttled(not_sent(&je)),
             _ => Stop::Failed(not_sent(&je)),
         });
     }
@@ -628,6 +634,16 @@ fn not_sent(e: &JobError) -> JobError {
     )
 }
 
+fn refused_batch(e: &JobError) -> JobError {
+    JobError::new(
+        e.code,
+        format!(
+            "not sent: Klaviyo refused an earlier request of this batch for a reason that holds for every request: {}",
+            e.message
+        ),
+    )
+}
+
 fn staged_line_error(why: String) -> Outcome {
     Outcome::Failed(JobError::new(
         ErrorCode::Internal,
@@ -640,6 +656,15 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// The request body of `lines`, built as the reader builds it.
+    fn body<S: AsRef<[u8]>>(env: &Envelope, lines: &[S]) -> Bytes {
+        let mut b = ChunkBuilder::new(env);
+        for (i, l) in lines.iter().enumerate() {
+            b.push(i as JobId, l.as_ref(), ProfileKeys::default());
+        }
+        b.finish(env).body
+    }
+
     #[test]
     fn body_is_json_api_and_its_length_is_exact() {
         for list in [None, Some("Xy12")] {
@@ -649,9 +674,13 @@ mod tests {
                 r#"{"type":"profile","id":"01P","attributes":{"phone_number":"+1555"}}"#
                     .to_string(),
             ];
-            let body = env.body(&lines);
+            let body = body(&env, &lines);
             let bytes: u64 = lines.iter().map(|l| l.len() as u64).sum();
-            assert_eq!(body.len() as u64, env.body_len(bytes, lines.len()));
+            // Exact: envelope, lines, and one comma between two lines.
+            assert_eq!(
+                body.len() as u64,
+                env.len() + bytes + lines.len() as u64 - 1
+            );
             let v: Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(v["data"]["type"], "profile-bulk-import-job");
             assert_eq!(
@@ -675,7 +704,7 @@ mod tests {
             );
         }
         let one = Envelope::new(None);
-        assert_eq!(one.body::<&str>(&[]).len() as u64, one.body_len(0, 0));
+        assert_eq!(body::<&str>(&one, &[]).len() as u64, one.len());
     }
 
     #[test]

@@ -43,7 +43,7 @@ fn build_needs_no_network_and_every_documented_key_is_accepted() {
         "privateApiKey": "pk_x", "listId": "L1", "baseUrl": "https://klaviyo.invalid",
         "revision": "2025-01-15", "maxProfileBytes": "100KB", "maxProfilesPerRequest": 10000,
         "maxRequestBytes": "4.5MB", "rateLimitPerSecond": 10, "rateLimitPerMinute": 150,
-        "connectTimeout": "10s", "requestTimeout": "1m"
+        "connectTimeout": "10s", "requestTimeout": "1m", "uploadTimeBudget": "8m"
     });
     let keys: Vec<&str> = config
         .as_object()
@@ -57,5 +57,18 @@ fn build_needs_no_network_and_every_documented_key_is_accepted() {
     sorted.sort();
     assert_eq!(sorted, documented);
     let m = build(&ctx(), &config).expect("valid");
-    assert_eq!(m.limits(), batchrouter_core::ManagerLimits::default());
+    // One batch must fit in uploadTimeBudget at the configured rate: 8 min at
+    // 150/min is 1,200 requests, half of them planned, of 10,000 profiles.
+    assert_eq!(m.limits().max_events, Some(6_000_000));
+    assert!(m.limits().max_upload_bytes.is_some());
+    let slow = build(
+        &ctx(),
+        &json!({"privateApiKey": "pk_x", "rateLimitPerMinute": 10, "uploadTimeBudget": "1m"}),
+    )
+    .expect("valid");
+    assert_eq!(
+        slow.limits().max_events,
+        Some(50_000),
+        "5 requests in a minute at 10/min, halved"
+    );
 }

@@ -12,6 +12,7 @@ use batchrouter_core::{
     validate_upload_output, AsyncDestinationManager, DestinationError, ErrorCode, ImportHandle,
     Outcome, PollStatus,
 };
+use batchrouter_dest_klaviyo::poll::NOT_FOUND_GRACE;
 use batchrouter_testkit::klaviyo::{
     max_requests_in_window, KlaviyoFault, KlaviyoStandIn, KlaviyoStandInOptions, Route,
 };
@@ -109,24 +110,24 @@ async fn cancelled_import_fails_retryable_and_is_never_polled_again() {
 async fn every_page_of_import_errors_is_mapped_to_its_job() {
     let standin = KlaviyoStandIn::start().await;
     standin.fail_in_import_where("email", "Bounce");
-    let (m, telemetry) = manager(&standin, json!({}));
+    let (m, _) = manager(&standin, json!({}));
     let email = |i: usize| {
-        if i % 5 == 1 {
+        if i % 2 == 1 {
             format!("Bounce{i}@X.io")
         } else {
             format!("fine{i}@x.io")
         }
     };
-    let h = one_import(&standin, m.as_ref(), 230, email).await;
+    let h = one_import(&standin, m.as_ref(), 500, email).await;
     let (status, _) = poll_to_end(m.as_ref(), &h).await;
     assert_eq!(status, PollStatus::Complete { has_failures: true });
 
     let stats = m.get_upload_stats(&h).await.unwrap();
-    let expected: HashSet<i64> = (0..230)
-        .filter(|i| i % 5 == 1)
+    let expected: HashSet<i64> = (0..500)
+        .filter(|i| i % 2 == 1)
         .map(|i| i as i64 + 1)
         .collect();
-    assert_eq!(expected.len(), 46, "more than two pages of 20");
+    assert_eq!(expected.len(), 250, "more than two pages of 100");
     let got: HashSet<i64> = stats.outcomes.iter().map(|(j, _)| *j).collect();
     assert_eq!(got, expected);
     for (job, o) in &stats.outcomes {
@@ -143,13 +144,23 @@ async fn every_page_of_import_errors_is_mapped_to_its_job() {
         );
     }
     assert_eq!(stats.unmatched, 0);
-    assert_eq!(
-        standin.request_count(Route::Errors),
-        3,
-        "pages of 20, 20 and 6"
+    // Pages of 100 (the documented maximum), not the default 20: 3 requests, not 13.
+    let pages: Vec<String> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == Route::Errors)
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(pages.len(), 3, "pages of 100, 100 and 50: {pages:?}");
+    assert!(
+        pages[0].ends_with("/import-errors?page[size]=100"),
+        "{pages:?}"
     );
-    assert_eq!(telemetry.unmatched(), 0);
-    assert_eq!(standin.imported_total(), 230 - 46);
+    assert!(
+        pages[1..].iter().all(|p| p.contains("page%5Bsize%5D=100")),
+        "the next links keep the size: {pages:?}"
+    );
+    assert_eq!(standin.imported_total(), 500 - 250);
 }
 
 #[tokio::test]
@@ -178,7 +189,7 @@ async fn a_restarted_daemon_maps_results_from_the_persisted_context_alone() {
         // The first manager is dropped here, as in a crash.
     };
 
-    let (second, telemetry) = manager(&standin, json!({}));
+    let (second, _) = manager(&standin, json!({}));
     let mut rejected = Vec::new();
     for (n, (context, jobs)) in persisted.iter().enumerate() {
         let mut h = ImportHandle {
@@ -216,7 +227,6 @@ async fn a_restarted_daemon_maps_results_from_the_persisted_context_alone() {
         .filter(|j| *j != 60)
         .collect();
     assert_eq!(rejected, expected);
-    assert_eq!(telemetry.unmatched(), 1);
 }
 
 #[tokio::test]
@@ -280,9 +290,21 @@ async fn poll_problems_are_errors_not_failed_imports() {
         }
     );
 
-    // An import Klaviyo no longer knows, or a context nobody can read, ends the import (retryable).
+    // A 404 for a young import is a poll error (the import is kept: no
+    // re-upload on the strength of one lookup); past the grace period the
+    // import is gone and ends (retryable), as does a context nobody can read.
     let mut gone = h.clone();
     gone.context["klaviyoJobId"] = json!("IMP99999999");
+    let e = m.poll(&gone).await.unwrap_err();
+    assert!(
+        matches!(e, DestinationError::Retryable { .. }) && e.message().contains("HTTP 404"),
+        "{e:?}"
+    );
+    let e = m.get_upload_stats(&gone).await.unwrap_err();
+    assert!(matches!(e, DestinationError::Retryable { .. }), "{e:?}");
+    gone.started_at = batchrouter_core::Timestamp(
+        batchrouter_core::Timestamp::now().as_millis() - NOT_FOUND_GRACE.as_millis() as i64 - 1_000,
+    );
     assert!(matches!(
         m.poll(&gone).await.unwrap(),
         PollStatus::Failed {
@@ -290,6 +312,8 @@ async fn poll_problems_are_errors_not_failed_imports() {
             ..
         }
     ));
+    let stats = m.get_upload_stats(&gone).await.unwrap();
+    assert_eq!(stats.outcomes.len(), 5);
     let mut broken = h.clone();
     broken.context = json!({"something": "else"});
     assert!(matches!(
@@ -312,7 +336,7 @@ async fn stats_problems_are_errors_and_foreign_links_are_refused() {
     let standin = KlaviyoStandIn::start().await;
     standin.fail_in_import_where("email", "bounce");
     let (m, _) = manager(&standin, json!({}));
-    let h = one_import(&standin, m.as_ref(), 50, |i| format!("bounce{i}@x.io")).await;
+    let h = one_import(&standin, m.as_ref(), 150, |i| format!("bounce{i}@x.io")).await;
     poll_to_end(m.as_ref(), &h).await;
 
     // Page 2 fails: the whole read is retried later, never half-reported.
@@ -333,8 +357,128 @@ async fn stats_problems_are_errors_and_foreign_links_are_refused() {
     assert!(e.message().contains("another host"), "{e}");
     standin.set_links_origin(None);
 
+    // Fewer errors listed than failed profiles: the unlisted ones must not
+    // end `succeeded`, so the read is an error (tried again later).
+    standin.push_fault(
+        Route::Errors,
+        KlaviyoFault::raw(200, r#"{"data":[],"links":{"next":null}}"#),
+    );
+    let e = m.get_upload_stats(&h).await.unwrap_err();
+    assert!(
+        matches!(e, DestinationError::Retryable { .. })
+            && e.message().contains("reports 150 failed profiles")
+            && e.message().contains("lists 0 import errors"),
+        "{e:?}"
+    );
+
     let stats = m.get_upload_stats(&h).await.unwrap();
-    assert_eq!(stats.outcomes.len(), 50);
+    assert_eq!(stats.outcomes.len(), 150);
+}
+
+#[tokio::test]
+async fn a_429_between_pages_is_waited_out_and_reading_goes_on_from_that_page() {
+    let standin = KlaviyoStandIn::start().await;
+    standin.fail_in_import_where("email", "bounce");
+    let (m, _) = manager(&standin, json!({}));
+    let h = one_import(&standin, m.as_ref(), 250, |i| format!("bounce{i}@x.io")).await;
+    poll_to_end(m.as_ref(), &h).await;
+
+    // Page 2 is throttled twice (Retry-After: 1); pages 1 and 3 are not.
+    standin.push_fault(Route::Errors, KlaviyoFault::pass());
+    standin.push_faults(Route::Errors, KlaviyoFault::throttled(1), 2);
+    let started = Instant::now();
+    let stats = m
+        .get_upload_stats(&h)
+        .await
+        .expect("the pause is waited out");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stats.outcomes.len(), 250);
+    let pages: Vec<(String, u16)> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.route == Route::Errors)
+        .map(|r| (r.path, r.status))
+        .collect();
+    let statuses: Vec<u16> = pages.iter().map(|(_, s)| *s).collect();
+    assert_eq!(statuses, vec![200, 429, 429, 200, 200], "{pages:?}");
+    // Page 1 was read once: the read went on from page 2's cursor.
+    assert_eq!(
+        pages.iter().filter(|(p, _)| !p.contains("cursor")).count(),
+        1,
+        "{pages:?}"
+    );
+    assert_eq!(pages[1].0, pages[3].0, "the throttled page is asked again");
+
+    // A pause longer than the time budget allows is handed to the router.
+    let (tight, _) = manager(&standin, json!({"uploadTimeBudget": "2s"}));
+    standin.push_fault(Route::Errors, KlaviyoFault::pass());
+    standin.push_fault(Route::Errors, KlaviyoFault::throttled(30));
+    let started = Instant::now();
+    match tight.get_upload_stats(&h).await {
+        Err(DestinationError::Throttled { retry_after, .. }) => {
+            assert_eq!(retry_after, Some(Duration::from_secs(30)))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn errors_without_original_payload_are_matched_by_their_pointer() {
+    let standin = KlaviyoStandIn::start().await;
+    standin.fail_in_import_where("email", "bounce");
+    standin.omit_original_payload(true);
+    let (m, _) = manager(&standin, json!({}));
+    let email = |i: usize| {
+        if i % 7 == 3 {
+            format!("bounce{i}@x.io")
+        } else {
+            format!("ok{i}@x.io")
+        }
+    };
+    let h = one_import(&standin, m.as_ref(), 40, email).await;
+    poll_to_end(m.as_ref(), &h).await;
+    let stats = m.get_upload_stats(&h).await.unwrap();
+    let mut rejected: Vec<i64> = stats.outcomes.iter().map(|(j, _)| *j).collect();
+    rejected.sort();
+    let expected: Vec<i64> = (0..40).filter(|i| i % 7 == 3).map(|i| i + 1).collect();
+    assert_eq!(rejected, expected);
+    assert_eq!(stats.unmatched, 0);
+    for (job, o) in &stats.outcomes {
+        assert!(
+            matches!(o, Outcome::Aborted(e) if e.message.contains(&format!("bounce{}@x.io", job - 1))),
+            "{o:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_answer_is_an_explicit_error_not_malformed_json() {
+    let standin = KlaviyoStandIn::start().await;
+    let (m, _) = manager(&standin, json!({}));
+    let h = one_import(&standin, m.as_ref(), 3, |i| format!("big{i}@x.io")).await;
+    let huge = format!(
+        r#"{{"data":{{"id":"x","attributes":{{"status":"queued"}}}},"pad":"{}"}}"#,
+        "x".repeat(batchrouter_dest_klaviyo::client::MAX_ANSWER_BYTES)
+    );
+    standin.push_fault(Route::Status, KlaviyoFault::raw(200, huge));
+    let e = m.poll(&h).await.unwrap_err();
+    assert!(
+        matches!(e, DestinationError::Retryable { .. })
+            && e.message().contains("too large")
+            && !e.message().contains("malformed"),
+        "{e:?}"
+    );
+    // The import itself is untouched.
+    assert!(m.poll(&h).await.is_ok());
 }
 
 #[tokio::test]

@@ -26,8 +26,13 @@ fn count(out: &UploadOutput, pred: impl Fn(&Outcome) -> bool) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_thousand_profiles_become_several_imports_each_imported_once() {
-    let standin = KlaviyoStandIn::start().await;
-    // The vendor's own rate limits: the limiter must keep the run legal.
+    // The stand-in enforces the vendor's own rate limits (429 beyond them);
+    // the manager's limiter, set to the same figures, must keep the run legal.
+    let standin = KlaviyoStandIn::start_with(KlaviyoStandInOptions {
+        rate_limit: Some((10, 150)),
+        ..Default::default()
+    })
+    .await;
     let (m, telemetry) = manager(
         &standin,
         json!({"rateLimitPerSecond": 10, "rateLimitPerMinute": 150}),
@@ -86,7 +91,12 @@ async fn forty_thousand_profiles_become_several_imports_each_imported_once() {
         "every profile imported exactly once"
     );
     assert_eq!(standin.imported_count("User39999@Example.com"), 1);
-    assert_eq!(standin.rate_limited(), 0);
+    assert_eq!(
+        standin.rate_limited(),
+        0,
+        "the stand-in never had to throttle"
+    );
+    assert!(standin.requests().iter().all(|r| r.status != 429));
     let statuses = telemetry.statuses();
     assert_eq!(
         statuses.len(),
@@ -261,23 +271,128 @@ async fn list_association_is_sent_only_when_configured() {
     assert_eq!(creates[0].list_ids, Some(vec!["LiSt42".to_string()]));
     assert_eq!(creates[1].list_ids, None);
 
-    // An unknown list is an unattributable 400: every job aborted with the detail.
-    let (bad_list, _) = manager(&standin, json!({"listId": "Nope"}));
+    // An unknown list is an unattributable 400: it holds for every request
+    // of the batch, so the first request's jobs are aborted with the detail
+    // and the rest are aborted unsent with the same reason.
+    let (bad_list, _) = manager(
+        &standin,
+        json!({"listId": "Nope", "maxProfilesPerRequest": 2}),
+    );
     let (batch, _) = stage(
         dir.path(),
         bad_list.as_ref(),
-        (0..3).map(|i| profile(i, &format!("b{i}@x.io"))),
+        (0..6).map(|i| profile(i, &format!("b{i}@x.io"))),
     );
+    let creates_before = standin.request_count(Route::Create);
     let out = bad_list.upload(&batch).await;
     validate_upload_output(&batch.job_ids, &out).unwrap();
     assert_eq!(
         count(
             &out,
-            |o| matches!(o, Outcome::Aborted(e) if e.message.contains("List 'Nope' does not exist"))
+            |o| matches!(o, Outcome::Aborted(e) if e.code == ErrorCode::DestinationRejected && e.message.contains("List 'Nope' does not exist"))
         ),
-        3
+        6
+    );
+    let o = outcomes(&out);
+    for j in 3..=6 {
+        assert!(
+            error_of(&o[&j])
+                .message
+                .starts_with("not sent: Klaviyo refused an earlier request"),
+            "{:?}",
+            o[&j]
+        );
+    }
+    assert_eq!(
+        standin.request_count(Route::Create),
+        creates_before + 1,
+        "the rest of the batch is not sent"
     );
     assert_eq!(standin.creates().len(), 2);
+}
+
+#[tokio::test]
+async fn profiles_over_the_vendors_size_limit_are_refused_by_the_stand_in() {
+    let standin = KlaviyoStandIn::start().await;
+    // A manager allowed to send 200 KB profiles meets Klaviyo's ~100 KB limit.
+    let (m, _) = manager(&standin, json!({"maxProfileBytes": "200KB"}));
+    let dir = tempfile::tempdir().unwrap();
+    let payloads = (0..5).map(|i| {
+        let mut p = profile(i, &format!("size{i}@x.io"));
+        if i == 2 {
+            p["bio"] = json!("x".repeat(150_000));
+        }
+        p
+    });
+    let (batch, rejected) = stage(dir.path(), m.as_ref(), payloads);
+    assert!(rejected.is_empty());
+    let out = m.upload(&batch).await;
+    validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert_eq!(out.outcomes.len(), 1, "{:?}", out.outcomes);
+    let (id, o) = &out.outcomes[0];
+    assert_eq!(*id, 3);
+    assert!(
+        matches!(o, Outcome::Aborted(e) if e.message.contains("a profile may be at most 100000 bytes")),
+        "{o:?}"
+    );
+    assert_eq!(importing(&out), 4);
+    assert_eq!(
+        standin.request_count(Route::Create),
+        2,
+        "rejected, then resubmitted"
+    );
+
+    // With the default limit the transform refuses it before any request.
+    let (default, _) = manager(&standin, json!({}));
+    let big = json!({"email": "big@x.io", "bio": "x".repeat(150_000)});
+    let e = default.transform(&job(9, &big)).unwrap_err();
+    assert!(
+        e.0.contains("over the per-profile limit of 100000 bytes"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn an_upload_stops_at_its_time_budget_and_keeps_the_imports_it_created() {
+    let standin = KlaviyoStandIn::start().await;
+    // One request a second and a 2 s budget: requests start at 0 s and about
+    // 1 s; the third slot (about 2 s) is past the budget.
+    let (m, _) = manager(
+        &standin,
+        json!({"rateLimitPerSecond": 1, "rateLimitPerMinute": 60,
+               "uploadTimeBudget": "2s", "maxProfilesPerRequest": 10}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, _) = stage(
+        dir.path(),
+        m.as_ref(),
+        (0..50).map(|i| profile(i, &format!("slow{i}@x.io"))),
+    );
+    let started = Instant::now();
+    let out = m.upload(&batch).await;
+    let elapsed = started.elapsed();
+    validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert!(elapsed < secs(2), "returned within the budget: {elapsed:?}");
+    assert_eq!(out.imports.len(), 2, "the imports created are kept");
+    assert_eq!(importing(&out), 20);
+    assert_eq!(standin.request_count(Route::Create), 2);
+    assert_eq!(
+        count(
+            &out,
+            |o| matches!(o, Outcome::Throttled(e) if e.code == ErrorCode::Throttled && e.message.contains("uploadTimeBudget"))
+        ),
+        30,
+        "the rest is throttled unsent (no attempt used)"
+    );
+    let hint = out.retry_after.expect("the wait for the next slot");
+    assert!(hint > Duration::ZERO && hint <= secs(2), "{hint:?}");
+    // The router sizes batches so this does not happen at the configured rate.
+    let limits = m.limits();
+    assert_eq!(
+        limits.max_events,
+        Some(10),
+        "1 request planned in 2 s at 1/s (half of 2)"
+    );
 }
 
 #[tokio::test]

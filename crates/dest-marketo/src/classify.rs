@@ -49,6 +49,20 @@ pub fn class_of(code: &str) -> CodeClass {
     }
 }
 
+/// Permanent codes that say nothing about the request's content but about
+/// the account or the setup (603 access denied, 605 method, 610 resource not
+/// found, 612 content type, 616 subscription): every other request of the
+/// destination would get the same answer.
+pub fn is_account_wide(code: &str) -> bool {
+    matches!(code.trim(), "603" | "605" | "610" | "612" | "616")
+}
+
+/// HTTP statuses that refuse every request alike (authentication, access,
+/// a wrong base URL), as opposed to this request's content (400, 413, 422).
+pub fn is_account_wide_status(status: u16) -> bool {
+    matches!(status, 401 | 403 | 404 | 405 | 501)
+}
+
 /// Pause Marketo documents for a throttle code: 606 is a 20-second rate
 /// window, 607 a daily quota (wait long, the router's backoff takes over).
 pub fn throttle_hint(code: &str) -> Option<Duration> {
@@ -67,6 +81,20 @@ pub enum Failure {
     Token(String),
     /// Any other, already classified failure.
     Destination(DestinationError),
+    /// A permanent refusal every request of the destination would get
+    /// (bad credentials, access denied, wrong URL): see [`is_account_wide`].
+    AccountWide(DestinationError),
+}
+
+impl Failure {
+    /// The classified error, whatever its reach; a token failure that is
+    /// not handled by a refresh is transient.
+    pub fn into_error(self) -> DestinationError {
+        match self {
+            Failure::Token(reason) => DestinationError::retryable(reason),
+            Failure::Destination(e) | Failure::AccountWide(e) => e,
+        }
+    }
 }
 
 impl From<DestinationError> for Failure {
@@ -109,7 +137,12 @@ pub fn classify_errors(errors: &[ApiError], retry_after: Option<Duration>) -> Fa
             retry_after,
         });
     }
-    Failure::Destination(DestinationError::permanent(text))
+    let e = DestinationError::permanent(text);
+    if errors.iter().any(|e| is_account_wide(&e.code)) {
+        Failure::AccountWide(e)
+    } else {
+        Failure::Destination(e)
+    }
 }
 
 #[cfg(test)]
@@ -168,11 +201,28 @@ mod tests {
             Failure::Destination(DestinationError::Retryable { .. })
         ));
         match classify_errors(&[err("610")], None) {
-            Failure::Destination(DestinationError::Permanent { message }) => {
+            Failure::AccountWide(DestinationError::Permanent { message }) => {
                 assert_eq!(message, "Marketo error 610: m610")
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(
+            classify_errors(&[err("1003")], None),
+            Failure::Destination(DestinationError::Permanent { .. })
+        ));
+        for code in ["603", "605", "610", "612", "616"] {
+            assert!(
+                matches!(
+                    classify_errors(&[err(code)], None),
+                    Failure::AccountWide(DestinationError::Permanent { .. })
+                ),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            classify_errors(&[err("603"), err("1016")], None),
+            Failure::Destination(DestinationError::Throttled { .. })
+        ));
         assert!(matches!(
             classify_errors(&[], None),
             Failure::Destination(DestinationError::Retryable { .. })

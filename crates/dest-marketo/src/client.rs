@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
 use crate::auth::{CachedToken, TokenCache};
-use crate::classify::{classify_errors, ApiError, Failure};
+use crate::classify::{classify_errors, is_account_wide_status, ApiError, Failure};
 use crate::config::Settings;
 
 /// Largest JSON answer read into memory (status and error answers are tiny).
@@ -115,6 +115,34 @@ impl ResultFile {
     }
 }
 
+/// A request that did not work, and how far its answer reaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestError {
+    /// The classified error.
+    pub error: DestinationError,
+    /// The refusal applies to every request of the destination (bad
+    /// credentials, access denied, wrong URL), not to this request's content.
+    pub account_wide: bool,
+}
+
+impl From<DestinationError> for RequestError {
+    fn from(error: DestinationError) -> Self {
+        RequestError {
+            error,
+            account_wide: false,
+        }
+    }
+}
+
+impl RequestError {
+    fn account_wide(error: DestinationError) -> Self {
+        RequestError {
+            error,
+            account_wide: true,
+        }
+    }
+}
+
 /// The Marketo API client of one destination, shared by all its calls.
 pub struct Client {
     http: reqwest::Client,
@@ -144,12 +172,13 @@ impl Client {
         })
     }
 
-    /// POSTs one CSV file as a new import, streaming it from disk.
+    /// POSTs one CSV file as a new import, streaming it from disk. The error
+    /// says whether the refusal concerns this file or every request.
     pub async fn create_import(
         &self,
         path: &Path,
         bytes: u64,
-    ) -> Result<ImportCreated, DestinationError> {
+    ) -> Result<ImportCreated, RequestError> {
         let url = self.settings.endpoint("/bulk/v1/leads.json");
         self.authorized(|token| {
             let url = url.clone();
@@ -225,6 +254,7 @@ impl Client {
             }
         })
         .await
+        .map_err(|e| e.error)
     }
 
     /// Streams a result file (`failures.json` / `warnings.json`) into `dest`.
@@ -292,11 +322,12 @@ impl Client {
             }
         })
         .await
+        .map_err(|e| e.error)
     }
 
     /// Runs `op` with a token; on 601/602 drops the token, fetches a new one
     /// and repeats once. A second token rejection is a transient failure.
-    async fn authorized<'a, T, F, Fut>(&'a self, op: F) -> Result<T, DestinationError>
+    async fn authorized<'a, T, F, Fut>(&'a self, op: F) -> Result<T, RequestError>
     where
         F: Fn(Secret) -> Fut,
         Fut: Future<Output = Result<T, Failure>> + 'a,
@@ -306,7 +337,8 @@ impl Client {
             let token = self.token().await?;
             match op(token.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(Failure::Destination(e)) => return Err(e),
+                Err(Failure::Destination(e)) => return Err(e.into()),
+                Err(Failure::AccountWide(e)) => return Err(RequestError::account_wide(e)),
                 Err(Failure::Token(reason)) if !refreshed => {
                     tracing::debug!(reason = %reason, "Marketo rejected the access token; refreshing it once");
                     self.token.invalidate(&token).await;
@@ -315,17 +347,18 @@ impl Client {
                 Err(Failure::Token(reason)) => {
                     return Err(DestinationError::retryable(format!(
                         "{reason} (again with a freshly issued access token)"
-                    )))
+                    ))
+                    .into())
                 }
             }
         }
     }
 
-    async fn token(&self) -> Result<Secret, DestinationError> {
+    async fn token(&self) -> Result<Secret, RequestError> {
         self.token.get(|| self.fetch_token()).await
     }
 
-    async fn fetch_token(&self) -> Result<CachedToken, DestinationError> {
+    async fn fetch_token(&self) -> Result<CachedToken, RequestError> {
         let url = self.settings.endpoint("/identity/oauth/token");
         let request = self.http.get(url).query(&[
             ("grant_type", "client_credentials"),
@@ -353,22 +386,24 @@ impl Client {
                 status,
                 StatusCode::UNAUTHORIZED | StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN
             ) {
-                return Err(DestinationError::permanent(format!(
+                return Err(RequestError::account_wide(DestinationError::permanent(
+                    format!(
                     "Marketo refused the client credentials of clientId `{}` (HTTP {}{}{detail})",
                     self.settings.client_id,
                     status.as_u16(),
                     if detail.is_empty() { "" } else { ": " }
+                ),
                 )));
             }
             let e = error_for_status(status.as_u16(), &detail, retry_after).unwrap_or_else(|| {
                 DestinationError::retryable(format!("token request: HTTP {status}"))
             });
-            return Err(e);
+            return Err(status_error(e, status.as_u16()));
         }
         let Some(answer) = answer else {
-            return Err(DestinationError::retryable(
-                "Marketo sent a malformed token answer",
-            ));
+            return Err(
+                DestinationError::retryable("Marketo sent a malformed token answer").into(),
+            );
         };
         match (
             answer.access_token.filter(|t| !t.is_empty()),
@@ -383,12 +418,13 @@ impl Client {
                 Ok(CachedToken::new(Secret::new(token), expires_in, started))
             }
             (None, false) => match classify_errors(&answer.errors, retry_after) {
-                Failure::Destination(e) => Err(e),
-                Failure::Token(reason) => Err(DestinationError::retryable(reason)),
+                Failure::AccountWide(e) => Err(RequestError::account_wide(e)),
+                other => Err(other.into_error().into()),
             },
             (None, true) => Err(DestinationError::retryable(
                 "Marketo sent a token answer without access_token",
-            )),
+            )
+            .into()),
         }
     }
 
@@ -405,6 +441,16 @@ impl Client {
                 Err(transport_error(e, "sending a request"))
             }
         }
+    }
+}
+
+/// A classified HTTP status error, marked account-wide when the status
+/// refuses every request alike (see [`is_account_wide_status`]).
+fn status_error(e: DestinationError, status: u16) -> RequestError {
+    if matches!(e, DestinationError::Permanent { .. }) && is_account_wide_status(status) {
+        RequestError::account_wide(e)
+    } else {
+        e.into()
     }
 }
 
@@ -460,9 +506,17 @@ async fn read_envelope<T: DeserializeOwned>(resp: Response, what: &str) -> Resul
     let body = read_limited(resp, what).await?;
     if !status.is_success() {
         let text = String::from_utf8_lossy(&body);
-        return Err(error_for_status(status.as_u16(), &text, hint)
-            .unwrap_or_else(|| DestinationError::retryable(format!("{what}: HTTP {status}")))
-            .into());
+        let e = error_for_status(status.as_u16(), &text, hint)
+            .unwrap_or_else(|| DestinationError::retryable(format!("{what}: HTTP {status}")));
+        return Err(
+            if matches!(e, DestinationError::Permanent { .. })
+                && is_account_wide_status(status.as_u16())
+            {
+                Failure::AccountWide(e)
+            } else {
+                Failure::Destination(e)
+            },
+        );
     }
     let envelope: Envelope<T> = serde_json::from_slice(&body).map_err(|e| {
         DestinationError::retryable(format!(

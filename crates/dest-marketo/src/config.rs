@@ -24,6 +24,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "connectTimeout",
     "requestTimeout",
     "maxFileSize",
+    "uploadTimeBudget",
 ];
 
 /// Marketo refuses import files of 10 MB or more; we never configure above it.
@@ -40,6 +41,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default whole-request timeout (a 10 MB upload on a slow link fits in it).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Default longest time one upload (all its files) may take: a margin under
+/// the router's default `asyncUploadTimeout` of 10 minutes.
+pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -83,6 +88,8 @@ struct RawConfig {
     request_timeout: Option<Value>,
     #[serde(default)]
     max_file_size: Option<Value>,
+    #[serde(default)]
+    upload_time_budget: Option<Value>,
 }
 
 /// A validated configuration: everything the manager needs, nothing unchecked.
@@ -112,6 +119,9 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Largest CSV file sent in one import.
     pub max_file_bytes: u64,
+    /// Longest time one upload may spend before files not yet sent wait for
+    /// a later upload; keep it under the router's `asyncUploadTimeout`.
+    pub upload_time_budget: Duration,
 }
 
 impl Settings {
@@ -214,6 +224,13 @@ impl Settings {
             &mut problems,
         );
 
+        let upload_time_budget = duration_key(
+            "uploadTimeBudget",
+            raw.upload_time_budget.as_ref(),
+            DEFAULT_UPLOAD_TIME_BUDGET,
+            &mut problems,
+        );
+
         let max_file_bytes = match raw.max_file_size.as_ref() {
             None | Some(Value::Null) => DEFAULT_MAX_FILE_BYTES,
             Some(v) => {
@@ -255,6 +272,7 @@ impl Settings {
             connect_timeout,
             request_timeout,
             max_file_bytes,
+            upload_time_budget,
         })
     }
 
@@ -368,6 +386,7 @@ mod tests {
         assert_eq!(s.max_file_bytes, DEFAULT_MAX_FILE_BYTES);
         assert_eq!(s.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(s.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(s.upload_time_budget, Duration::from_secs(480));
         assert!(s.list_id.is_none() && s.partition_name.is_none());
     }
 
@@ -381,7 +400,9 @@ mod tests {
         c["requestTimeout"] = json!(5);
         c["maxFileSize"] = json!("2MB");
         c["deDuplicationField"] = json!("externalId");
+        c["uploadTimeBudget"] = json!("90s");
         let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.upload_time_budget, Duration::from_secs(90));
         assert_eq!(
             s.endpoint("/x.json").as_str(),
             "http://127.0.0.1:9/prefix/x.json"
@@ -403,6 +424,7 @@ mod tests {
             "listId": "abc",
             "requestTimeout": "soon",
             "maxFileSize": "20MB",
+            "uploadTimeBudget": "0s",
             "baseUrl": "ftp://example.com"
         });
         let err = Settings::from_config(&c).unwrap_err();
@@ -424,11 +446,12 @@ mod tests {
             "`listId`",
             "`requestTimeout`",
             "`maxFileSize` = 20000000 bytes",
+            "`uploadTimeBudget` = 0ns must be above zero",
             "`baseUrl` must use https",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        assert_eq!(err.0.len(), 10, "{all}");
+        assert_eq!(err.0.len(), 11, "{all}");
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! Jobs are flat JSON objects of lead fields. `transform` maps them to
 //! Marketo field names and renders values canonically; `upload` lays a staged
 //! batch out as CSV files under Marketo's 10 MB limit (a lookup value at most
-//! once per file) and creates one import per file; `poll` follows each import
-//! by its batch id; `get_upload_stats` reads failures.json / warnings.json and
-//! matches rows to jobs by the normalised lookup value through the key map
-//! stored in the import context. The manager keeps no per-import state in
-//! memory, so another process can finish what this one started.
+//! once per file) and creates one import per file, within a time budget;
+//! `poll` follows each import by its batch id; `get_upload_stats` reads
+//! failures.json / warnings.json and matches rows to jobs by the normalised
+//! lookup value through the values and job ids stored in the import context.
+//! The manager keeps no per-import state in memory, so another process can
+//! finish what this one started.
 //!
 //! The behaviour, config keys and error classes are documented in
 //! `docs/destinations/MARKETO_BULK_UPLOAD.md`.
@@ -17,6 +18,7 @@ pub mod classify;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod layout;
 pub mod poll;
 pub mod stats;
 pub mod transform;
@@ -26,9 +28,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError,
-    DestinationTelemetry, ImportHandle, Job, ManagerLimits, PollStatus, StagedBatch,
-    TransformError, UploadOutput, UploadStats,
+    AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError, ImportHandle,
+    Job, ManagerLimits, PollStatus, StagedBatch, TransformError, UploadOutput, UploadStats,
 };
 
 pub use config::{Settings, CONFIG_KEYS};
@@ -47,13 +48,23 @@ pub fn build(
     Ok(Arc::new(MarketoManager::new(ctx, settings)?))
 }
 
+/// The largest staged batch reported to the router: half of what ten full
+/// files hold. A file of rows that carry the same fields is never larger than
+/// their staged JSON, and greedy filling leaves each file plus the next
+/// file's first row over the limit, so such a batch never needs more than the
+/// ten files Marketo queues (proof in [`layout`]). Rows with differing fields
+/// or a lookup value repeated more than ten times can still need more; those
+/// rows wait for a later upload.
+pub fn max_upload_bytes(settings: &Settings) -> u64 {
+    settings.max_file_bytes * upload::MAX_FILES_PER_UPLOAD as u64 / 2
+}
+
 /// The Marketo destination manager; cheap to share, safe to call concurrently.
 pub struct MarketoManager {
     destination_id: String,
     settings: Arc<Settings>,
     transformer: transform::Transformer,
     client: client::Client,
-    telemetry: Arc<dyn DestinationTelemetry>,
 }
 
 impl MarketoManager {
@@ -70,7 +81,6 @@ impl MarketoManager {
             transformer: transform::Transformer::new(&settings),
             settings,
             client,
-            telemetry: ctx.telemetry.clone(),
         })
     }
 
@@ -102,16 +112,12 @@ impl AsyncDestinationManager for MarketoManager {
         &self,
         import: &ImportHandle,
     ) -> Result<UploadStats, DestinationError> {
-        stats::upload_stats(&self.client, self.telemetry.as_ref(), import).await
+        stats::upload_stats(&self.client, import).await
     }
 
     fn limits(&self) -> ManagerLimits {
-        // Staged JSON lines are larger than their CSV rows, so a batch under
-        // this size never needs more files than Marketo queues imports.
         ManagerLimits {
-            max_upload_bytes: Some(
-                self.settings.max_file_bytes * upload::MAX_FILES_PER_UPLOAD as u64,
-            ),
+            max_upload_bytes: Some(max_upload_bytes(&self.settings)),
             max_events: None,
         }
     }

@@ -5,14 +5,15 @@
 use batchrouter_core::{DestinationError, ErrorCode, ImportHandle, JobError, PollStatus};
 
 use crate::client::{BatchStatus, Client};
-use crate::context::ImportContext;
+use crate::context::ContextHeader;
 
 /// Asks Marketo how the import in `handle` is doing.
 pub async fn poll_import(
     client: &Client,
     handle: &ImportHandle,
 ) -> Result<PollStatus, DestinationError> {
-    let ctx = match ImportContext::from_value(&handle.context) {
+    // Only the header: the lookup values are not decoded on every poll.
+    let ctx = match ContextHeader::from_value(&handle.context) {
         Ok(c) => c,
         Err(reason) => {
             // Polling again cannot repair a context; sending the jobs again can.
@@ -42,7 +43,7 @@ pub async fn poll_import(
 
 /// Maps Marketo's status words; an unknown word is a poll that did not work.
 pub fn map_status(
-    ctx: &ImportContext,
+    ctx: &ContextHeader,
     status: &BatchStatus,
 ) -> Result<PollStatus, DestinationError> {
     match status.status.as_str() {
@@ -81,17 +82,11 @@ mod tests {
     use super::*;
     use crate::context::CONTEXT_VERSION;
 
-    fn ctx() -> ImportContext {
-        ImportContext {
+    fn ctx() -> ContextHeader {
+        ContextHeader {
             version: CONTEXT_VERSION,
             batch_id: 5,
-            import_id: "5".into(),
-            lookup_field: "email".into(),
             rows: 10,
-            file_bytes: 100,
-            part: 1,
-            parts: 1,
-            keys: Default::default(),
         }
     }
 

@@ -6,8 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use batchrouter_core::{
-    DestinationError, DestinationTelemetry, ErrorCode, ImportHandle, JobError, JobId, Outcome,
-    UploadStats,
+    DestinationError, ErrorCode, ImportHandle, JobError, JobId, Outcome, UploadStats,
 };
 
 use crate::client::{Client, ResultFile};
@@ -26,7 +25,6 @@ pub struct ResultRow {
 /// Fetches and matches the per-row results of a completed import.
 pub async fn upload_stats(
     client: &Client,
-    telemetry: &dyn DestinationTelemetry,
     handle: &ImportHandle,
 ) -> Result<UploadStats, DestinationError> {
     let ctx = match ImportContext::from_value(&handle.context) {
@@ -84,9 +82,9 @@ pub async fn upload_stats(
             "Marketo's result files do not hold as many rows as its counts say"
         );
     }
+    check_counts(ctx.batch_id, failed, failures.len(), warned, warnings.len())?;
     let stats = match_rows(&ctx, &handle.job_ids, &failures, &warnings);
     if stats.unmatched > 0 {
-        telemetry.unmatched_results(stats.unmatched);
         tracing::warn!(
             destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id,
             unmatched = stats.unmatched, "Marketo result rows matched no job of the import"
@@ -100,6 +98,32 @@ pub async fn upload_stats(
     Ok(stats)
 }
 
+/// Refuses results that list fewer rows than Marketo counted: the missing
+/// rows would end `succeeded` although Marketo rejected or warned about them,
+/// so the results are fetched again later (the router retries until the
+/// import deadline). More rows than counted are used as they are.
+pub fn check_counts(
+    batch_id: u64,
+    failed: u64,
+    failure_rows: usize,
+    warned: u64,
+    warning_rows: usize,
+) -> Result<(), DestinationError> {
+    let missing = |what: &str, counted: u64, listed: usize| {
+        DestinationError::retryable(format!(
+            "Marketo counts {counted} {what} for import {batch_id} but its result file lists \
+             {listed}; the results are fetched again later"
+        ))
+    };
+    if failed > failure_rows as u64 {
+        return Err(missing("failed rows", failed, failure_rows));
+    }
+    if warned > warning_rows as u64 {
+        return Err(missing("rows with warnings", warned, warning_rows));
+    }
+    Ok(())
+}
+
 /// Turns result rows into outcomes: a failure aborts the job (code
 /// `record_rejected`), a warning keeps it succeeded with the text as note;
 /// a failure wins over a warning. Rows for jobs no longer importing are
@@ -111,10 +135,11 @@ pub fn match_rows(
     warnings: &[ResultRow],
 ) -> UploadStats {
     let importing: HashSet<JobId> = importing.iter().copied().collect();
+    let keys = ctx.lookup();
     let mut outcomes: HashMap<JobId, Outcome> = HashMap::new();
     let mut unmatched = 0u64;
     let mut lookup = |row: &ResultRow| -> Option<JobId> {
-        match ctx.keys.get(&row.key) {
+        match keys.get(row.key.as_str()) {
             Some(id) if importing.contains(id) => Some(*id),
             Some(id) => {
                 tracing::debug!(job = id, "Marketo result row for a job already decided");
@@ -238,8 +263,7 @@ pub fn parse_result_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::CONTEXT_VERSION;
-    use std::collections::BTreeMap;
+    use crate::context::{Keys, CONTEXT_VERSION};
 
     fn ctx() -> ImportContext {
         ImportContext {
@@ -251,13 +275,33 @@ mod tests {
             file_bytes: 1,
             part: 1,
             parts: 1,
-            keys: BTreeMap::from([
-                ("a@x.io".to_string(), 1),
-                ("b@x.io".to_string(), 2),
-                ("c@x.io".to_string(), 3),
-                ("d@x.io".to_string(), 4),
+            // Row order, not id order: pairing is by position.
+            job_ids: vec![3, 1, 4, 2],
+            keys: Keys::InRowOrder(vec![
+                "c@x.io".into(),
+                "a@x.io".into(),
+                "d@x.io".into(),
+                "b@x.io".into(),
             ]),
         }
+    }
+
+    #[test]
+    fn fewer_rows_than_counted_are_fetched_again() {
+        assert!(check_counts(9, 2, 2, 1, 1).is_ok());
+        assert!(
+            check_counts(9, 0, 1, 0, 3).is_ok(),
+            "more rows than counted are used"
+        );
+        let e = check_counts(9, 3, 2, 0, 0).unwrap_err();
+        assert!(matches!(e, DestinationError::Retryable { .. }), "{e:?}");
+        assert!(
+            e.message()
+                .contains("counts 3 failed rows for import 9 but its result file lists 2"),
+            "{e}"
+        );
+        let e = check_counts(9, 0, 0, 2, 1).unwrap_err();
+        assert!(e.message().contains("2 rows with warnings"), "{e}");
     }
 
     fn row(key: &str, reason: &str) -> ResultRow {

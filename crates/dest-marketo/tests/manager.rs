@@ -8,6 +8,7 @@ use std::time::Duration;
 use batchrouter_core::{
     DestinationError, ErrorCode, ImportHandle, JobError, Outcome, PollStatus, UploadOutput,
 };
+use batchrouter_dest_marketo::context::Keys;
 use batchrouter_testkit::marketo::{Endpoint, MarketoFault, MarketoOptions, MarketoStandIn};
 use common::*;
 use serde_json::json;
@@ -53,7 +54,11 @@ async fn happy_path_25k_jobs_across_several_imports() {
     assert_eq!(imported_job_count(&out), 25_000);
     for imp in &out.imports {
         let ctx = batchrouter_dest_marketo::ImportContext::from_value(&imp.context).unwrap();
-        assert_eq!(ctx.keys.len(), imp.job_ids.len());
+        match &ctx.keys {
+            Keys::InRowOrder(keys) => assert_eq!(keys.len(), imp.job_ids.len()),
+            other => panic!("new contexts list keys in row order: {other:?}"),
+        }
+        assert_eq!(ctx.job_ids, imp.job_ids);
         assert_eq!(ctx.parts as usize, out.imports.len());
     }
 
@@ -104,7 +109,7 @@ async fn row_failures_and_warnings_reach_the_right_jobs() {
     let standin = MarketoStandIn::start().await;
     standin.fail_rows_matching("bad", "1004 Lead not found");
     standin.warn_rows_matching("warn", "1017 Field value truncated");
-    let (m, telemetry) = manager(&standin, json!({}));
+    let (m, _) = manager(&standin, json!({}));
     let dir = tempfile::tempdir().unwrap();
     let email = |i: i64| match i % 3 {
         0 => format!("  Bad{i}@Example.com "),
@@ -134,19 +139,13 @@ async fn row_failures_and_warnings_reach_the_right_jobs() {
             _ => assert_eq!(*o, Outcome::succeeded(), "job {id}"),
         }
     }
-    assert_eq!(
-        telemetry
-            .unmatched
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
 }
 
 #[tokio::test]
 async fn result_rows_without_a_job_are_counted_as_unmatched() {
     let standin = MarketoStandIn::start().await;
     standin.fail_rows_matching("bad", "1004 Lead not found");
-    let (m, telemetry) = manager(&standin, json!({}));
+    let (m, _) = manager(&standin, json!({}));
     let dir = tempfile::tempdir().unwrap();
     let (batch, _) = stage(
         dir.path(),
@@ -155,19 +154,16 @@ async fn result_rows_without_a_job_are_counted_as_unmatched() {
     );
     let out = m.upload(&batch).await;
     let mut h = handles(&out).remove(0);
-    // A key map missing one entry (as a foreign or stale context would be).
-    h.context["keys"]
-        .as_object_mut()
-        .unwrap()
-        .remove("bad0@x.io");
+    // A context missing one row (as a foreign or stale context would be).
+    let keys = h.context["keys"].as_array_mut().unwrap();
+    let at = keys.iter().position(|k| k == "bad0@x.io").unwrap();
+    keys.remove(at);
+    h.context["jobIds"].as_array_mut().unwrap().remove(at);
     while let PollStatus::InProgress { .. } = m.poll(&h).await.unwrap() {}
     let stats = m.get_upload_stats(&h).await.unwrap();
-    assert_eq!(stats.unmatched, 1);
     assert_eq!(
-        telemetry
-            .unmatched
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
+        stats.unmatched, 1,
+        "the router counts these in unmatched_results_total"
     );
     let ids: Vec<i64> = stats.outcomes.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, vec![1, 2, 3]);
@@ -400,11 +396,30 @@ async fn a_failure_mid_way_keeps_earlier_imports_and_fails_the_rest() {
     let first = out.imports[0].job_ids.clone();
     assert!(!first.is_empty() && first.len() < 150);
     assert_eq!(out.outcomes.len(), 150 - first.len());
-    assert!(out
-        .outcomes
-        .iter()
-        .all(|(_, o)| matches!(o, Outcome::Throttled(_))));
-    assert_eq!(standin.imports().len(), 1, "no POST after the refused one");
+    let parts = standin.requests(Endpoint::CreateImport);
+    assert_eq!(parts, 2, "no POST after the refused one");
+    assert_eq!(standin.imports().len(), 1);
+    let (mut refused, mut not_sent) = (0, 0);
+    for (_, o) in &out.outcomes {
+        let e = throttled(o);
+        if e.message
+            .starts_with("not sent: Marketo throttled import file 2 of ")
+        {
+            assert!(
+                e.message.contains("Marketo error 1016: Too many imports"),
+                "{e:?}"
+            );
+            not_sent += 1;
+        } else {
+            assert!(e.message.starts_with("import file 2 of "), "{e:?}");
+            assert!(
+                e.message.ends_with("Marketo error 1016: Too many imports"),
+                "{e:?}"
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused > 0 && not_sent > 0, "{refused} {not_sent}");
 }
 
 #[tokio::test]
@@ -830,66 +845,6 @@ async fn ten_megabyte_files_are_split_under_the_limit() {
 }
 
 #[tokio::test]
-async fn secrets_never_reach_logs_or_reasons() {
-    let logs = LogBuffer::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let standin = MarketoStandIn::start().await;
-    standin.fail_rows_matching("bad", "1004 Lead not found");
-    let (m, _) = manager(&standin, json!({"maxFileSize": 1000}));
-    let dir = tempfile::tempdir().unwrap();
-    let (batch, _) = stage(
-        dir.path(),
-        m.as_ref(),
-        leads(0..150, |i| format!("bad{i}@x.io")),
-    );
-    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
-    standin.push_fault(Endpoint::CreateImport, MarketoFault::ExpireTokens);
-    let out = m.upload(&batch).await;
-    standin.push_fault(Endpoint::Status, MarketoFault::api("606", "Max rate limit"));
-    let _ = m.poll(&handles(&out)[0]).await;
-    standin.expire_tokens();
-    let outcomes = drive(m.as_ref(), &handles(&out)).await;
-    let (bad, _) = manager(
-        &standin,
-        json!({"clientSecret": "another-wrong-secret-xyz"}),
-    );
-    let failed = bad.upload(&batch).await;
-
-    let text = logs.text();
-    assert!(
-        text.contains("uploaded batch to Marketo"),
-        "the capture works: {text}"
-    );
-    assert!(text.contains("refreshing it once"));
-    let tokens = standin.issued_tokens();
-    assert!(tokens.len() >= 3);
-    let mut reasons: Vec<String> = outcomes
-        .values()
-        .chain(failed.outcomes.iter().map(|(_, o)| o))
-        .map(|o| format!("{o:?}"))
-        .collect();
-    reasons.push(format!("{:?}", out.imports));
-    for needle in tokens.iter().map(String::as_str).chain([
-        standin.client_secret(),
-        "another-wrong-secret-xyz",
-        "client_secret=",
-    ]) {
-        assert!(!text.contains(needle), "log leaks {needle}");
-        assert!(
-            !reasons.iter().any(|r| r.contains(needle)),
-            "a reason leaks {needle}"
-        );
-    }
-}
-
-#[tokio::test]
 async fn build_rejects_bad_config_with_every_problem() {
     let bad = json!({"munchkinId": "", "clientID": "x", "clientSecret": "", "maxFileSize": "12MB"});
     let ctx = batchrouter_core::DestinationContext {
@@ -925,12 +880,385 @@ async fn build_rejects_bad_config_with_every_problem() {
     let (m, _) = manager(&standin, json!({"maxFileSize": "5MB"}));
     assert_eq!(
         m.limits().max_upload_bytes,
-        Some(50_000_000),
-        "never more files than Marketo queues"
+        Some(25_000_000),
+        "half of ten full files: rows with the same fields never need more files than Marketo queues"
     );
     assert_eq!(
         standin.requests(Endpoint::Token),
         0,
         "building does no network I/O"
     );
+}
+
+/// Stages 150 leads under a 1000-byte file limit, and lays them out with the
+/// manager's own settings to know which jobs each import file holds.
+struct SeveralFiles {
+    m: std::sync::Arc<dyn batchrouter_core::AsyncDestinationManager>,
+    batch: batchrouter_core::StagedBatch,
+    files: Vec<Vec<i64>>,
+}
+
+fn several_files(
+    standin: &MarketoStandIn,
+    dir: &std::path::Path,
+    extra: serde_json::Value,
+) -> SeveralFiles {
+    let mut config = base_config(standin);
+    config["maxFileSize"] = json!(1000);
+    for (k, v) in extra.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    let (m, _) = manager_with(&config);
+    let (batch, _) = stage(dir, m.as_ref(), leads(0..150, |i| format!("part{i}@x.io")));
+    let settings = batchrouter_dest_marketo::Settings::from_config(&config).unwrap();
+    let plan = batchrouter_dest_marketo::layout::plan_import_files(&batch, &settings).unwrap();
+    assert!(plan.decided.is_empty());
+    let files: Vec<Vec<i64>> = plan.files.iter().map(|f| f.job_ids.clone()).collect();
+    assert!(files.len() >= 4, "{} files", files.len());
+    SeveralFiles { m, batch, files }
+}
+
+#[tokio::test]
+async fn a_file_refused_for_its_content_aborts_only_its_own_jobs() {
+    let standin = MarketoStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let SeveralFiles { m, batch, files } = several_files(&standin, dir.path(), json!({}));
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
+    standin.push_fault(
+        Endpoint::CreateImport,
+        MarketoFault::api("1003", "Invalid file"),
+    );
+    let out = m.upload(&batch).await;
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    let parts = files.len();
+    assert_eq!(out.imports.len(), parts - 1, "every other file was sent");
+    assert_eq!(standin.requests(Endpoint::CreateImport) as usize, parts);
+    assert_eq!(out.outcomes.len(), files[2].len());
+    for (id, o) in &out.outcomes {
+        assert!(files[2].contains(id));
+        match o {
+            Outcome::Aborted(e) => {
+                assert_eq!(e.code, ErrorCode::DestinationRejected);
+                assert_eq!(
+                    e.message,
+                    format!("import file 3 of {parts}: Marketo error 1003: Invalid file")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let outcomes = drive(m.as_ref(), &handles(&out)).await;
+    assert_eq!(outcomes.len(), 150 - files[2].len());
+    assert!(outcomes.values().all(|o| *o == Outcome::succeeded()));
+}
+
+#[tokio::test]
+async fn a_refusal_every_file_would_get_stops_and_says_what_was_not_sent() {
+    let standin = MarketoStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let SeveralFiles { m, batch, files } = several_files(&standin, dir.path(), json!({}));
+
+    // 603 on the second file: the first stays importing, the second is
+    // aborted with Marketo's answer, the rest without being sent.
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
+    standin.push_fault(
+        Endpoint::CreateImport,
+        MarketoFault::api("603", "Access denied"),
+    );
+    let out = m.upload(&batch).await;
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    let parts = files.len();
+    assert_eq!(out.imports.len(), 1);
+    assert_eq!(out.imports[0].job_ids, files[0]);
+    assert_eq!(
+        standin.requests(Endpoint::CreateImport),
+        2,
+        "nothing sent after 603"
+    );
+    let reasons: HashMap<i64, &JobError> = out
+        .outcomes
+        .iter()
+        .map(|(id, o)| match o {
+            Outcome::Aborted(e) => (*id, e),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    for id in &files[1] {
+        assert_eq!(
+            reasons[id].message,
+            format!("import file 2 of {parts}: Marketo error 603: Access denied")
+        );
+    }
+    for (n, jobs) in files.iter().enumerate().skip(2) {
+        for id in jobs {
+            assert_eq!(reasons[id].code, ErrorCode::DestinationRejected);
+            assert_eq!(
+                reasons[id].message,
+                format!(
+                    "not sent: Marketo refused import file 2 of {parts} of this upload for a reason \
+                     every file gets (Marketo error 603: Access denied), so file {} was not sent",
+                    n + 1
+                )
+            );
+        }
+    }
+
+    // Bad credentials: the first file is refused at the token, nothing is sent.
+    let SeveralFiles {
+        m: bad,
+        batch,
+        files,
+    } = several_files(&standin, dir.path(), json!({"clientSecret": "wrong-one"}));
+    let before = standin.requests(Endpoint::CreateImport);
+    let out = bad.upload(&batch).await;
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert!(out.imports.is_empty());
+    assert_eq!(standin.requests(Endpoint::CreateImport), before);
+    for (id, o) in &out.outcomes {
+        match o {
+            Outcome::Aborted(e) => {
+                assert!(e.message.contains("Bad client credentials"), "{e:?}");
+                let first = files[0].contains(id);
+                assert_eq!(!first, e.message.starts_with("not sent: "), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // A transient failure: that file fails, the later ones wait unsent.
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::http(503));
+    let SeveralFiles { m, batch, files } = several_files(&standin, dir.path(), json!({}));
+    let out = m.upload(&batch).await;
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert_eq!(out.imports.len(), 1);
+    for (id, o) in &out.outcomes {
+        match o {
+            Outcome::Failed(e) => {
+                assert!(files[1].contains(id));
+                assert_eq!(e.code, ErrorCode::DestinationUnavailable);
+                assert!(e.message.contains("HTTP 503"), "{e:?}");
+            }
+            Outcome::Throttled(e) => {
+                assert!(!files[0].contains(id) && !files[1].contains(id));
+                assert_eq!(e.code, ErrorCode::DestinationUnavailable);
+                assert!(
+                    e.message.starts_with("not sent: import file 2 of "),
+                    "{e:?}"
+                );
+                assert!(e.message.contains("HTTP 503"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upload_stays_within_its_time_budget_and_keeps_the_imports_it_made() {
+    let standin = MarketoStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let SeveralFiles { m, batch, files } =
+        several_files(&standin, dir.path(), json!({"uploadTimeBudget": "1500ms"}));
+    standin.push_fault(Endpoint::CreateImport, MarketoFault::Pass);
+    standin.push_fault(
+        Endpoint::CreateImport,
+        MarketoFault::Delay(Duration::from_millis(700)),
+    );
+    standin.push_fault(
+        Endpoint::CreateImport,
+        MarketoFault::Delay(Duration::from_millis(3000)),
+    );
+    let started = std::time::Instant::now();
+    let out = m.upload(&batch).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(2000),
+        "the budget bounds the upload: {elapsed:?}"
+    );
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert_eq!(out.imports.len(), 2, "the imports made in time are kept");
+    assert_eq!(out.imports[0].job_ids, files[0]);
+    assert_eq!(out.imports[1].job_ids, files[1]);
+    for (id, o) in &out.outcomes {
+        match o {
+            Outcome::Failed(e) => {
+                assert!(files[2].contains(id));
+                assert!(
+                    e.message.contains("within the upload's time budget"),
+                    "{e:?}"
+                );
+            }
+            Outcome::Throttled(e) => {
+                assert!(files[3..].iter().any(|f| f.contains(id)));
+                assert!(e.message.starts_with("not sent: import file 3 of"), "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let outcomes = drive(m.as_ref(), &handles(&out)).await;
+    assert_eq!(outcomes.len(), files[0].len() + files[1].len());
+}
+
+#[tokio::test]
+async fn the_enforced_rate_limit_throttles_with_the_20s_hint() {
+    let standin = MarketoStandIn::start().await;
+    let (m, _) = manager(&standin, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, _) = stage(
+        dir.path(),
+        m.as_ref(),
+        leads(0..5, |i| format!("rate{i}@x.io")),
+    );
+    let out = m.upload(&batch).await;
+    assert_eq!(out.imports.len(), 1, "{:?}", out.outcomes);
+    let h = handles(&out).remove(0);
+    // 1 import + 99 polls fill Marketo's 100 calls per 20 s; the next is refused.
+    let mut polls = 0;
+    let e = loop {
+        match m.poll(&h).await {
+            Ok(_) => polls += 1,
+            Err(e) => break e,
+        }
+        assert!(polls < 200, "the stand-in never limited the calls");
+    };
+    assert_eq!(polls, 99);
+    assert_eq!(standin.rate_limited(), 1);
+    match &e {
+        DestinationError::Throttled {
+            message,
+            retry_after,
+        } => {
+            assert!(message.contains("Marketo error 606"), "{message}");
+            assert_eq!(*retry_after, Some(Duration::from_secs(20)));
+        }
+        other => panic!("{other:?}"),
+    }
+    // An upload meeting the limit is throttled whole, with the 20 s hint.
+    let (next, _) = stage(
+        dir.path(),
+        m.as_ref(),
+        leads(10..15, |i| format!("rate{i}@x.io")),
+    );
+    let out = m.upload(&next).await;
+    assert!(out.imports.is_empty());
+    assert_eq!(out.outcomes.len(), 5);
+    for (_, o) in &out.outcomes {
+        let e = throttled(o);
+        assert_eq!(e.code, ErrorCode::Throttled);
+        assert!(
+            e.message
+                .contains("Marketo error 606: Max rate limit '100'"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(out.retry_after, Some(Duration::from_secs(20)));
+    assert_eq!(standin.imports().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_enforced_concurrency_limit_throttles_the_eleventh_call() {
+    let standin = MarketoStandIn::start().await;
+    let (m, _) = manager(&standin, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, _) = stage(
+        dir.path(),
+        m.as_ref(),
+        leads(0..3, |i| format!("conc{i}@x.io")),
+    );
+    let out = m.upload(&batch).await;
+    let h = handles(&out).remove(0);
+    for _ in 0..12 {
+        standin.push_fault(
+            Endpoint::Status,
+            MarketoFault::Delay(Duration::from_millis(600)),
+        );
+    }
+    let polls = (0..12).map(|_| m.poll(&h));
+    let results = futures::future::join_all(polls).await;
+    let refused: Vec<&DestinationError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 2, "{results:?}");
+    for e in refused {
+        assert!(matches!(e, DestinationError::Throttled { .. }), "{e:?}");
+        assert!(e.message().contains("Marketo error 615"), "{e}");
+    }
+    assert_eq!(standin.concurrency_limited(), 2);
+}
+
+#[tokio::test]
+async fn results_listing_fewer_rows_than_counted_are_fetched_again() {
+    let standin = MarketoStandIn::start().await;
+    standin.fail_rows_matching("bad", "1004 Lead not found");
+    standin.warn_rows_matching("warn", "1017 truncated");
+    let (m, _) = manager(&standin, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    for (prefix, what) in [("bad", "3 failed rows"), ("warn", "3 rows with warnings")] {
+        let (batch, _) = stage(
+            dir.path(),
+            m.as_ref(),
+            leads(0..6, |i| {
+                if i < 3 {
+                    format!("{prefix}{i}@x.io")
+                } else {
+                    format!("ok-{i}@x.io")
+                }
+            }),
+        );
+        let out = m.upload(&batch).await;
+        let h = handles(&out).remove(0);
+        while let PollStatus::InProgress { .. } = m.poll(&h).await.unwrap() {}
+        standin.withhold_result_rows(1);
+        let e = m.get_upload_stats(&h).await.unwrap_err();
+        assert!(matches!(e, DestinationError::Retryable { .. }), "{e:?}");
+        assert!(e.message().contains(&format!("counts {what}")), "{e}");
+        assert!(e.message().contains("lists 2"), "{e}");
+        standin.withhold_result_rows(0);
+        let stats = m.get_upload_stats(&h).await.unwrap();
+        assert_eq!(stats.outcomes.len(), 3, "every listed row reaches its job");
+    }
+}
+
+#[tokio::test]
+async fn contexts_persisted_by_the_previous_release_are_still_matched() {
+    let standin = MarketoStandIn::start().await;
+    standin.fail_rows_matching("bad", "1004 Lead not found");
+    let (m, _) = manager(&standin, json!({}));
+    let dir = tempfile::tempdir().unwrap();
+    let (batch, _) = stage(
+        dir.path(),
+        m.as_ref(),
+        leads(0..6, |i| {
+            if i % 2 == 0 {
+                format!("Bad{i}@x.io")
+            } else {
+                format!("good{i}@x.io")
+            }
+        }),
+    );
+    let out = m.upload(&batch).await;
+    let mut h = handles(&out).remove(0);
+    // The version 1 shape: a key → job object and no job id list.
+    let keys = h.context["keys"].as_array().unwrap().clone();
+    let ids = h.context["jobIds"].as_array().unwrap().clone();
+    let map: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .zip(ids)
+        .map(|(k, id)| (k.as_str().unwrap().to_string(), id))
+        .collect();
+    let ctx = h.context.as_object_mut().unwrap();
+    ctx.remove("jobIds");
+    ctx.insert("keys".into(), map.into());
+    ctx.insert("version".into(), 1.into());
+    let outcomes = drive(m.as_ref(), &[h]).await;
+    assert_eq!(outcomes.len(), 6);
+    for (id, o) in outcomes {
+        if id % 2 == 0 {
+            assert!(
+                matches!(&o, Outcome::Aborted(e) if e.code == ErrorCode::RecordRejected),
+                "{id}: {o:?}"
+            );
+        } else {
+            assert_eq!(o, Outcome::succeeded(), "{id}");
+        }
+    }
 }

@@ -2,7 +2,10 @@
 //! verify the host key, authenticate, and take it apart cleanly.
 //! Every function here blocks; callers run them on a blocking thread.
 
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libssh2_sys as raw;
@@ -145,15 +148,19 @@ fn millis(d: Duration) -> u32 {
 
 fn connect_tcp(settings: &Settings) -> Result<TcpStream, SftpError> {
     let address = settings.address();
-    let addrs: Vec<SocketAddr> = (settings.host.as_str(), settings.port)
-        .to_socket_addrs()
-        .map_err(|e| SftpError::Connect {
-            address: address.clone(),
-            reason: format!("cannot resolve the host name: {e}"),
-            timed_out: false,
-        })?
-        .collect();
+    // One deadline for the name lookup and the TCP connect together.
     let deadline = Instant::now() + settings.connect_timeout;
+    let addrs = resolve(
+        &settings.host,
+        settings.port,
+        settings.connect_timeout,
+        system_lookup,
+    )
+    .map_err(|e| SftpError::Connect {
+        address: address.clone(),
+        reason: e.reason,
+        timed_out: e.timed_out,
+    })?;
     let mut last = None;
     for addr in &addrs {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -180,6 +187,135 @@ fn connect_tcp(settings: &Settings) -> Result<TcpStream, SftpError> {
         },
         timed_out,
     })
+}
+
+/// Why a host name gave no address to connect to.
+#[derive(Debug)]
+pub(crate) struct Unresolved {
+    /// For the job's reason, after "cannot connect to host:port: ".
+    pub(crate) reason: String,
+    /// The lookup did not answer in time.
+    pub(crate) timed_out: bool,
+}
+
+/// Lookups that outlived their caller's timeout and still run (see
+/// [`resolve`]).
+static ABANDONED_LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Beyond this many abandoned lookups in the process, [`resolve`] fails at
+/// once instead of starting yet another thread on a resolver that hangs.
+const MAX_ABANDONED_LOOKUPS: usize = 8;
+
+/// A lookup thread's state, to count it as abandoned exactly once.
+const LOOKUP_RUNNING: u8 = 0;
+const LOOKUP_FINISHED: u8 = 1;
+const LOOKUP_ABANDONED: u8 = 2;
+
+/// The system resolver (`getaddrinfo`: /etc/hosts, DNS, …).
+fn system_lookup(host: String, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    Ok((host.as_str(), port).to_socket_addrs()?.collect())
+}
+
+/// Resolves `host` within `limit`. An IP address needs no lookup. A name is
+/// looked up on its own thread, because `getaddrinfo` (behind std's
+/// `to_socket_addrs`) has no timeout of its own and, with an unreachable
+/// DNS server, blocks for the resolver's full retry schedule (5s per try and
+/// server by default, often far longer). A thread that outlives `limit` is
+/// left to finish on its own; at most [`MAX_ABANDONED_LOOKUPS`] may be
+/// pending before further lookups fail without starting one.
+pub(crate) fn resolve<F>(
+    host: &str,
+    port: u16,
+    limit: Duration,
+    lookup: F,
+) -> Result<Vec<SocketAddr>, Unresolved>
+where
+    F: FnOnce(String, u16) -> std::io::Result<Vec<SocketAddr>> + Send + 'static,
+{
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let pending = ABANDONED_LOOKUPS.load(Ordering::SeqCst);
+    if pending >= MAX_ABANDONED_LOOKUPS {
+        return Err(Unresolved {
+            reason: format!(
+                "cannot resolve the host name: {pending} earlier lookups are still hanging \
+                 (the DNS resolver does not answer)"
+            ),
+            timed_out: true,
+        });
+    }
+    let state = Arc::new(AtomicU8::new(LOOKUP_RUNNING));
+    let (tx, rx) = mpsc::sync_channel(1);
+    let spawned = {
+        let state = state.clone();
+        let host = host.to_string();
+        std::thread::Builder::new()
+            .name("sftp-resolve".into())
+            .spawn(move || {
+                let _ = tx.send(lookup(host, port));
+                if state
+                    .compare_exchange(
+                        LOOKUP_RUNNING,
+                        LOOKUP_FINISHED,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_err()
+                {
+                    // The caller gave up on us (and counted us) first.
+                    ABANDONED_LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+    };
+    if let Err(e) = spawned {
+        return Err(Unresolved {
+            reason: format!("cannot start a thread to resolve the host name: {e}"),
+            timed_out: false,
+        });
+    }
+    let answer = match rx.recv_timeout(limit) {
+        Ok(answer) => answer,
+        // It panicked: nothing left running to count.
+        Err(RecvTimeoutError::Disconnected) => Err(std::io::Error::other(
+            "the lookup thread ended without an answer",
+        )),
+        Err(RecvTimeoutError::Timeout) => {
+            // Count before marking, so the thread's decrement never comes first.
+            ABANDONED_LOOKUPS.fetch_add(1, Ordering::SeqCst);
+            let marked = state.compare_exchange(
+                LOOKUP_RUNNING,
+                LOOKUP_ABANDONED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if marked.is_ok() {
+                return Err(Unresolved {
+                    reason: format!("resolving the host name timed out after {limit:?}"),
+                    timed_out: true,
+                });
+            }
+            // It finished just now: take its answer after all.
+            ABANDONED_LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+            match rx.recv() {
+                Ok(answer) => answer,
+                Err(_) => Err(std::io::Error::other(
+                    "the lookup thread ended without an answer",
+                )),
+            }
+        }
+    };
+    match answer {
+        Ok(addrs) if addrs.is_empty() => Err(Unresolved {
+            reason: "the host name has no addresses".into(),
+            timed_out: false,
+        }),
+        Ok(addrs) => Ok(addrs),
+        Err(e) => Err(Unresolved {
+            reason: format!("cannot resolve the host name: {e}"),
+            timed_out: false,
+        }),
+    }
 }
 
 fn authenticate(session: &Session, settings: &Settings) -> Result<(), SftpError> {
@@ -231,5 +367,140 @@ fn authenticate(session: &Session, settings: &Settings) -> Result<(), SftpError>
             }
             _ => Err(SftpError::transport(&format!("authenticating `{user}` on {address}"), &e)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::Receiver;
+    use std::sync::Mutex;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// A lookup that blocks until `release` is sent to (or dropped).
+    fn blocked(
+        release: Arc<Mutex<Receiver<()>>>,
+    ) -> impl FnOnce(String, u16) -> std::io::Result<Vec<SocketAddr>> + Send + 'static {
+        move |_, _| {
+            let _ = release
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10));
+            Ok(vec![addr("192.0.2.1:22")])
+        }
+    }
+
+    fn wait_for_abandoned(n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ABANDONED_LOOKUPS.load(Ordering::SeqCst) != n {
+            assert!(
+                Instant::now() < deadline,
+                "abandoned lookups never reached {n}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Serialises the tests that start lookups: they share ABANDONED_LOOKUPS.
+    static LOOKUP_TESTS: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn a_hanging_lookup_is_bounded_and_abandoned_lookups_are_capped() {
+        let _serial = LOOKUP_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        // A resolver that never answers in time: bounded by the limit.
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let release = Arc::new(Mutex::new(release_rx));
+        let started = Instant::now();
+        let err = resolve(
+            "dns.hangs.invalid",
+            22,
+            Duration::from_millis(200),
+            blocked(release.clone()),
+        )
+        .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(err.timed_out);
+        assert_eq!(err.reason, "resolving the host name timed out after 200ms");
+        assert_eq!(ABANDONED_LOOKUPS.load(Ordering::SeqCst), 1);
+
+        // Up to the cap, each new lookup gets its own thread; then no more.
+        for _ in 1..MAX_ABANDONED_LOOKUPS {
+            let e = resolve(
+                "dns.hangs.invalid",
+                22,
+                Duration::from_millis(10),
+                blocked(release.clone()),
+            )
+            .unwrap_err();
+            assert!(e.reason.contains("timed out after 10ms"), "{}", e.reason);
+        }
+        assert_eq!(
+            ABANDONED_LOOKUPS.load(Ordering::SeqCst),
+            MAX_ABANDONED_LOOKUPS
+        );
+        let started = Instant::now();
+        let e = resolve("dns.hangs.invalid", 22, Duration::from_secs(30), |_, _| {
+            panic!("no lookup may start while the cap is reached")
+        })
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        assert!(e.timed_out);
+        assert!(
+            e.reason.contains("8 earlier lookups are still hanging"),
+            "{}",
+            e.reason
+        );
+
+        // The hung lookups finish: the count goes back down and lookups work again.
+        drop(release_tx);
+        wait_for_abandoned(0);
+        let ok = resolve(
+            "dns.answers.invalid",
+            2222,
+            Duration::from_secs(5),
+            |host, port| {
+                assert_eq!((host.as_str(), port), ("dns.answers.invalid", 2222));
+                Ok(vec![addr("192.0.2.7:2222")])
+            },
+        )
+        .unwrap();
+        assert_eq!(ok, vec![addr("192.0.2.7:2222")]);
+        assert_eq!(ABANDONED_LOOKUPS.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn addresses_need_no_lookup_and_lookup_errors_are_reported() {
+        let _serial = LOOKUP_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        let never = |_: String, _: u16| -> std::io::Result<Vec<SocketAddr>> {
+            panic!("an IP address needs no lookup")
+        };
+        assert_eq!(
+            resolve("127.0.0.1", 22, Duration::from_secs(1), never).unwrap(),
+            vec![addr("127.0.0.1:22")]
+        );
+        assert_eq!(
+            resolve("::1", 2222, Duration::from_secs(1), never).unwrap(),
+            vec![addr("[::1]:2222")]
+        );
+        let e = resolve("x.invalid", 22, Duration::from_secs(5), |_, _| {
+            Err(std::io::Error::other(
+                "failed to lookup address information",
+            ))
+        })
+        .unwrap_err();
+        assert!(!e.timed_out);
+        assert_eq!(
+            e.reason,
+            "cannot resolve the host name: failed to lookup address information"
+        );
+        let e = resolve("x.invalid", 22, Duration::from_secs(5), |_, _| Ok(vec![])).unwrap_err();
+        assert_eq!(e.reason, "the host name has no addresses");
     }
 }

@@ -11,7 +11,9 @@
 //! - **Atomic, idempotent files**: the content goes to `<name>.part`, its
 //!   remote size is checked, then it is renamed over `<name>` with
 //!   `posix-rename@openssh.com`. The name derives from the batch id, so a
-//!   retried batch replaces its own earlier attempt instead of adding a file.
+//!   retried batch replaces its own earlier attempt instead of adding a file;
+//!   a `.part` that a broken upload left under another name is removed after
+//!   the next successful connect (remembered in memory only).
 //! - **Classified failures**: transport problems and full disks fail the
 //!   batch (retried with backoff); authentication failures, host-key
 //!   mismatches and permission problems abort it at once with
@@ -25,7 +27,8 @@
 //! Module map: [`config`] (keys and validation), [`path`] (file name
 //! templates), [`transform`] (job → staged line), [`render`] (CSV/JSON file
 //! content), [`pipeline`] (keeps the SFTP write pipe full), [`hostkey`]
-//! (host-key checks), `client` (SSH session), `rename` (posix-rename),
+//! (host-key checks), `client` (SSH session, bounded name lookup),
+//! `rename` (posix-rename), `strays` (`.part` files of failed uploads),
 //! [`upload`] (the uploader), [`error`] (failure classes).
 
 #![warn(missing_docs)]
@@ -38,6 +41,7 @@ pub mod path;
 pub mod pipeline;
 mod rename;
 pub mod render;
+mod strays;
 pub mod transform;
 pub mod upload;
 

@@ -25,6 +25,7 @@ use crate::path::parent;
 use crate::pipeline::Pipelined;
 use crate::rename::PosixRename;
 use crate::render::{render, ColumnRules, RenderError};
+use crate::strays::StrayParts;
 use crate::transform::transform_payload;
 
 /// Bytes kept in flight to the server (see [`crate::pipeline`]); with
@@ -47,11 +48,21 @@ struct Shared {
     settings: Settings,
     destination_id: String,
     telemetry: Arc<dyn DestinationTelemetry>,
-    /// The destination's one session; `None` until the first upload and
-    /// after any error.
-    conn: Mutex<Option<Connection>>,
+    /// The destination's one session and the `.part` files failed uploads
+    /// left; locked for a whole delivery, so uploads are serialised.
+    slot: Mutex<Slot>,
     sessions_opened: AtomicU64,
     posix_rename: AtomicBool,
+}
+
+/// What one destination's uploads share under one lock.
+#[derive(Default)]
+struct Slot {
+    /// The session; `None` until the first upload and after any error.
+    conn: Option<Connection>,
+    /// `.part` files of failed attempts, removed after the next successful
+    /// connect (see [`crate::strays`]).
+    strays: StrayParts,
 }
 
 /// What the blocking side needs to know about a batch.
@@ -84,7 +95,7 @@ impl SftpUploader {
                 settings,
                 destination_id: ctx.id.clone(),
                 telemetry: ctx.telemetry.clone(),
-                conn: Mutex::new(None),
+                slot: Mutex::new(Slot::default()),
                 sessions_opened: AtomicU64::new(0),
                 posix_rename: AtomicBool::new(true),
             }),
@@ -238,7 +249,12 @@ impl Uploader for SftpUploader {
     async fn close(&self) {
         let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let conn = shared.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let conn = shared
+                .slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .conn
+                .take();
             if let Some(c) = conn {
                 c.close();
             }
@@ -256,43 +272,67 @@ impl Shared {
                 .path
                 .expand(&self.destination_id, &spec.batch_id, spec.created_at);
         let part = format!("{remote}.part");
-        let mut slot = match self.conn.lock() {
+        let mut guard = match self.slot.lock() {
             Ok(g) => g,
             Err(poisoned) => {
                 // A panic mid-upload: whatever session is there is suspect.
                 let mut g = poisoned.into_inner();
-                if let Some(c) = g.take() {
+                if let Some(c) = g.conn.take() {
                     c.discard();
                 }
                 g
             }
         };
+        let slot = &mut *guard;
         let mut retried = false;
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return Err(SftpError::Cancelled);
             }
-            let (mut conn, reused) = match slot.take() {
+            let (mut conn, reused) = match slot.conn.take() {
                 Some(c) => (c, true),
                 None => (self.connect()?, false),
             };
-            let result = self.transfer(&mut conn, spec, &remote, &part, cancel);
+            // Whether this attempt may have created `part` on the server.
+            let mut part_touched = false;
+            let result = if reused {
+                Ok(())
+            } else {
+                self.remove_stray_parts(&conn, &mut slot.strays, &part)
+            }
+            .and_then(|()| {
+                self.transfer(&mut conn, spec, &remote, &part, cancel, &mut part_touched)
+            });
             self.telemetry.request(match &result {
                 Ok(_) => "ok",
                 Err(e) => e.telemetry_status(),
             });
             match result {
                 Ok(bytes) => {
-                    *slot = Some(conn);
+                    // Renamed to its final name: nothing stray any more.
+                    slot.strays.forget(&part);
+                    slot.conn = Some(conn);
                     return Ok(Delivered {
                         path: remote,
                         bytes,
                     });
                 }
                 Err(e) => {
-                    if matches!(e, SftpError::Remote { .. } | SftpError::Staging(_)) {
-                        // The session still works: do not leave a half file behind.
-                        let _ = conn.sftp().unlink(Path::new(&part));
+                    if part_touched {
+                        // When the session still works, do not leave a half
+                        // file behind; otherwise remove it after the next
+                        // successful connect.
+                        let removed = matches!(e, SftpError::Remote { .. } | SftpError::Staging(_))
+                            && unlink_if_present(conn.sftp(), &part).is_ok();
+                        if !removed {
+                            self.remember_stray(&mut slot.strays, &part);
+                            tracing::debug!(
+                                destination = %self.destination_id,
+                                path = %part,
+                                remembered = slot.strays.len(),
+                                "the failed upload may have left its .part file; it is removed after the next successful connect"
+                            );
+                        }
                     }
                     let session_age_s = conn.opened_at.elapsed().as_secs();
                     conn.discard();
@@ -310,6 +350,77 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Remembers a `.part` to remove later, saying so when the list is full.
+    fn remember_stray(&self, strays: &mut StrayParts, path: &str) {
+        if let Some(dropped) = strays.remember(path) {
+            tracing::warn!(
+                destination = %self.destination_id,
+                path = %dropped,
+                "too many .part files of failed uploads to remember; this one will not be removed automatically"
+            );
+        }
+    }
+
+    /// On a freshly connected session, removes the `.part` files earlier
+    /// failed attempts left, except `current` (this upload rewrites it).
+    /// Paths that could not be removed for a passing reason stay
+    /// remembered; a broken session fails the attempt like any other
+    /// transport error.
+    fn remove_stray_parts(
+        &self,
+        conn: &Connection,
+        strays: &mut StrayParts,
+        current: &str,
+    ) -> Result<(), SftpError> {
+        let todo = strays.take_except(current);
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut removed = Vec::new();
+        let mut result = Ok(());
+        let mut todo = todo.into_iter();
+        for path in todo.by_ref() {
+            match unlink_if_present(conn.sftp(), &path) {
+                Ok(true) => removed.push(path),
+                // Gone already: a retry of its batch renamed it (maybe from
+                // another process), or someone removed it.
+                Ok(false) => {}
+                Err(e) if e.is_transport() => {
+                    self.remember_stray(strays, &path);
+                    result = Err(e);
+                    break;
+                }
+                Err(e) if e.is_permanent() => tracing::warn!(
+                    destination = %self.destination_id,
+                    path = %path,
+                    error = %e,
+                    "cannot remove the .part file a failed upload left; remove it by hand"
+                ),
+                Err(e) => {
+                    tracing::debug!(
+                        destination = %self.destination_id,
+                        path = %path,
+                        error = %e,
+                        "cannot remove the .part file a failed upload left yet; trying again after the next connect"
+                    );
+                    self.remember_stray(strays, &path);
+                }
+            }
+        }
+        for path in todo {
+            self.remember_stray(strays, &path);
+        }
+        if !removed.is_empty() {
+            tracing::info!(
+                destination = %self.destination_id,
+                count = removed.len(),
+                paths = %removed.join(", "),
+                "removed .part files left by earlier failed uploads"
+            );
+        }
+        result
     }
 
     fn connect(&self) -> Result<Connection, SftpError> {
@@ -343,8 +454,12 @@ impl Shared {
         remote: &str,
         part: &str,
         cancel: &AtomicBool,
+        part_touched: &mut bool,
     ) -> Result<u64, SftpError> {
         ensure_dir(conn.sftp(), parent(remote))?;
+        // From here on the server may hold `part` (even when the open's
+        // answer is lost).
+        *part_touched = true;
         let mut file = conn
             .sftp()
             .open_mode(
@@ -477,6 +592,20 @@ fn write_error(conn: &Connection, part: &str, e: &io::Error) -> SftpError {
             message: format!("remote write failed for {part}: connection lost ({e})"),
             timed_out: false,
         },
+    }
+}
+
+/// Removes a remote file; `Ok(false)` when it was not there.
+fn unlink_if_present(sftp: &Sftp, path: &str) -> Result<bool, SftpError> {
+    match sftp.unlink(Path::new(path)) {
+        Ok(()) => Ok(true),
+        Err(e)
+            if e.code() == SshCode::SFTP(raw::LIBSSH2_FX_NO_SUCH_FILE)
+                || e.code() == SshCode::SFTP(raw::LIBSSH2_FX_NO_SUCH_PATH) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(SftpError::from_ssh("unlink", path, &e)),
     }
 }
 

@@ -570,30 +570,21 @@ fn big_batch(local: &Path, batch_id: &str, n: usize, pad: usize) -> batchrouter_
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_killed_mid_upload_fails_then_the_retry_leaves_one_file() {
-    let Some(mut sshd) = sshd("server_killed_mid_upload_fails_then_the_retry_leaves_one_file")
-    else {
-        return;
-    };
-    let dir = remote_dir(&sshd, "killed");
-    let local = tempfile::tempdir().unwrap();
-    let (u, _) = uploader(&key_config(
-        &sshd,
-        "json",
-        &format!("{}/{{batchID}}.json", dir.display()),
-    ));
-    let u = Arc::new(u);
-    let batch = Arc::new(big_batch(local.path(), "b-big", 400_000, 200));
-
+/// Starts uploading `batch`, kills the server once more than 2 MiB of
+/// `part` arrived, and returns the failed upload's output.
+async fn kill_server_mid_upload(
+    sshd: &mut Sshd,
+    u: &Arc<batchrouter_dest_sftp::SftpUploader>,
+    batch: &Arc<batchrouter_core::StagedBatch>,
+    part: &Path,
+) -> UploadOutput {
     let task = {
         let (u, batch) = (u.clone(), batch.clone());
         tokio::spawn(async move { u.upload(&batch).await })
     };
-    let part = dir.join("b-big.json.part");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if std::fs::metadata(&part)
+        if std::fs::metadata(part)
             .map(|m| m.len() > 2 << 20)
             .unwrap_or(false)
         {
@@ -610,7 +601,26 @@ async fn server_killed_mid_upload_fails_then_the_retry_leaves_one_file() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     sshd.stop();
-    let out = task.await.unwrap();
+    task.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_upload_fails_then_the_retry_leaves_one_file() {
+    let Some(mut sshd) = sshd("server_killed_mid_upload_fails_then_the_retry_leaves_one_file")
+    else {
+        return;
+    };
+    let dir = remote_dir(&sshd, "killed");
+    let local = tempfile::tempdir().unwrap();
+    let (u, _) = uploader(&key_config(
+        &sshd,
+        "json",
+        &format!("{}/{{batchID}}.json", dir.display()),
+    ));
+    let u = Arc::new(u);
+    let batch = Arc::new(big_batch(local.path(), "b-big", 400_000, 200));
+    let part = dir.join("b-big.json.part");
+    let out = kill_server_mid_upload(&mut sshd, &u, &batch, &part).await;
     let msg = failed_message(
         &sole_outcome(&batch.job_ids, &out),
         ErrorCode::DestinationUnavailable,
@@ -639,6 +649,97 @@ async fn server_killed_mid_upload_fails_then_the_retry_leaves_one_file() {
         std::fs::metadata(dir.join("b-big.json")).unwrap().len(),
         batch.bytes
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_left_by_a_killed_upload_is_removed_after_the_next_connect() {
+    let Some(mut sshd) = sshd("a_part_left_by_a_killed_upload_is_removed_after_the_next_connect")
+    else {
+        return;
+    };
+    let dir = remote_dir(&sshd, "orphan");
+    let local = tempfile::tempdir().unwrap();
+    let (u, rec) = uploader(&key_config(
+        &sshd,
+        "json",
+        &format!("{}/{{batchID}}.json", dir.display()),
+    ));
+    let u = Arc::new(u);
+    let big = Arc::new(big_batch(local.path(), "b-orphan", 400_000, 200));
+    let part = dir.join("b-orphan.json.part");
+    let out = kill_server_mid_upload(&mut sshd, &u, &big, &part).await;
+    failed_message(
+        &sole_outcome(&big.job_ids, &out),
+        ErrorCode::DestinationUnavailable,
+    );
+    assert!(part.exists(), "the killed upload left its .part");
+
+    // The server is still down: nothing can be cleaned yet, nothing is lost.
+    let other = stage(&u, local.path(), "b-other", T, record_payloads());
+    failed_message(
+        &sole_outcome(&other.job_ids, &u.upload(&other).await),
+        ErrorCode::DestinationUnavailable,
+    );
+    assert!(part.exists());
+
+    // Back up: a DIFFERENT batch is delivered, and the stray .part is gone.
+    sshd.restart().unwrap();
+    assert!(matches!(
+        sole_outcome(&other.job_ids, &u.upload(&other).await),
+        Outcome::Succeeded { .. }
+    ));
+    assert_eq!(
+        files_below(&dir),
+        vec!["b-other.json"],
+        "the killed upload's .part was removed"
+    );
+    assert_eq!(rec.statuses(), vec!["error", "error", "ok"]);
+
+    // Forgotten once removed: a later session does not try again.
+    sshd.restart().unwrap();
+    let third = stage(&u, local.path(), "b-third", T, record_payloads());
+    assert!(matches!(
+        sole_outcome(&third.job_ids, &u.upload(&third).await),
+        Outcome::Succeeded { .. }
+    ));
+    assert_eq!(files_below(&dir), vec!["b-other.json", "b-third.json"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_host_name_fails_within_connect_timeout() {
+    let local = tempfile::tempdir().unwrap();
+    // `.invalid` never resolves (RFC 2606); with a hanging resolver the
+    // lookup would block for the resolver's own timeouts, not connectTimeout.
+    let cfg = json!({
+        "host": "batchrouter-no-such-host.invalid",
+        "username": "nobody",
+        "authMethod": "passwordAuth",
+        "password": "x",
+        "fileFormat": "csv",
+        "filePath": "x/{batchID}.csv",
+        "insecureSkipHostKeyCheck": true,
+        "connectTimeout": "1s",
+        "ioTimeout": "1s",
+    });
+    let (u, rec) = uploader(&cfg);
+    let batch = stage(&u, local.path(), "b-dns", T, record_payloads());
+    let started = Instant::now();
+    let msg = failed_message(
+        &sole_outcome(&batch.job_ids, &u.upload(&batch).await),
+        ErrorCode::DestinationUnavailable,
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "bounded by connectTimeout (1s): took {took:?}"
+    );
+    assert!(
+        msg.starts_with("cannot connect to batchrouter-no-such-host.invalid:22: ")
+            && (msg.contains("cannot resolve the host name")
+                || msg.contains("resolving the host name timed out after 1s")),
+        "{msg}"
+    );
+    assert_eq!(rec.statuses().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -860,12 +961,9 @@ async fn a_cancelled_upload_releases_the_session_quickly() {
         2,
         "the interrupted session was not reused"
     );
-    let full = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-    assert!(
-        full < big.bytes,
-        "the cancelled upload stopped early ({full} of {} bytes)",
-        big.bytes
-    );
+    // The cancelled upload never completed, and the .part it left was
+    // removed once the next session was up.
+    assert_eq!(files_below(&dir), vec!["b-small.json"]);
 }
 
 #[test]

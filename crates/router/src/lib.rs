@@ -256,19 +256,12 @@ pub struct ShutdownReport {
 impl Router {
     /// Wakes a destination's worker (new jobs were just inserted).
     pub fn wake(&self, destination_id: &str) {
-        if let Some(d) = self.dests.get(destination_id) {
-            d.wake_worker.notify_one();
-        }
-    }
-
-    /// Wakes every worker.
-    pub fn wake_all(&self) {
-        self.dests.values().for_each(|d| d.wake_worker.notify_one());
+        self.handle().wake(destination_id)
     }
 
     /// Whether every worker and poll loop is still running.
     pub fn healthy(&self) -> bool {
-        !self.shared.shutdown.is_cancelled() && self.tasks.iter().all(|t| !t.is_finished())
+        self.handle().healthy()
     }
 
     /// A cloneable handle for wake-ups and health checks.

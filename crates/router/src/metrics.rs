@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use batchrouter_core::DestinationTelemetry;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const DEST: &[&str] = &["destination_type", "destination_id"];
@@ -214,9 +213,6 @@ impl Metrics {
         Arc::new(BoundTelemetry {
             metrics: self.clone(),
             labels: [destination_type.to_string(), destination_id.to_string()],
-            unmatched: self
-                .unmatched_results
-                .with_label_values(&[destination_type, destination_id]),
         })
     }
 }
@@ -224,7 +220,6 @@ impl Metrics {
 struct BoundTelemetry {
     metrics: Arc<Metrics>,
     labels: [String; 2],
-    unmatched: IntCounter,
 }
 
 impl DestinationTelemetry for BoundTelemetry {
@@ -233,9 +228,5 @@ impl DestinationTelemetry for BoundTelemetry {
             .destination_requests
             .with_label_values(&[self.labels[0].as_str(), self.labels[1].as_str(), status])
             .inc();
-    }
-
-    fn unmatched_results(&self, count: u64) {
-        self.unmatched.inc_by(count);
     }
 }

@@ -18,8 +18,12 @@ use crate::events::{FencedWritesRejected, PollFinished, PollResult, StateChanges
 use crate::retry;
 use crate::{Destination, Shared};
 
-/// Imports claimed per round.
-const CLAIM_LIMIT: usize = 32;
+/// Imports are claimed one at a time, right before they are polled, with a
+/// lease that outlasts the slowest poll plus stats fetch (each bounded by
+/// `asyncUploadTimeout`), so a lease never expires under work in progress.
+fn import_lease(s: &crate::RouterSettings) -> std::time::Duration {
+    s.lease_timeout + s.upload_timeout * 2
+}
 
 pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
     let s = &dest.settings;
@@ -30,13 +34,7 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
         let now = Timestamp::now();
         let claimed = match shared
             .store
-            .claim_due_imports(
-                &dest.id,
-                &shared.owner,
-                CLAIM_LIMIT,
-                now,
-                now + s.lease_timeout,
-            )
+            .claim_due_imports(&dest.id, &shared.owner, 1, now, now + import_lease(s))
             .await
         {
             Ok(v) => v,
@@ -45,14 +43,8 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
                 Vec::new()
             }
         };
-        let n = claimed.len();
-        for imp in claimed {
-            if shared.shutdown.is_cancelled() {
-                break;
-            }
+        if let Some(imp) = claimed.into_iter().next() {
             poll_one(&dest, &shared, imp).await;
-        }
-        if n == CLAIM_LIMIT {
             continue;
         }
         let now = Timestamp::now();
@@ -79,43 +71,6 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             return;
         }
     };
-    let now = Timestamp::now();
-    if now >= imp.deadline_at {
-        let error = JobError::new(
-            ErrorCode::DeadlineExceeded,
-            format!(
-                "import {} still in progress after asyncImportDeadline ({})",
-                imp.id,
-                crate::settings::fmt_duration(s.import_deadline)
-            ),
-        );
-        let transitions = infos
-            .iter()
-            .map(|j| JobTransition {
-                job_id: j.job_id,
-                to: retry::after_failure(s, j, error.clone(), now, None, fastrand::f64()),
-            })
-            .collect();
-        PollFinished {
-            import_id: imp.id,
-            result: PollResult::DeadlineExceeded,
-            progress: None,
-            error: Some(&error.message),
-            poll_errors: imp.poll_errors,
-        }
-        .emit(&dest.events);
-        finish(
-            dest,
-            shared,
-            &imp,
-            &infos,
-            ImportState::Failed,
-            Some(error),
-            transitions,
-        )
-        .await;
-        return;
-    }
     if infos.is_empty() {
         // Every job was decided elsewhere (e.g. re-driven); nothing to poll.
         finish(
@@ -142,6 +97,13 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
         Ok(r) => r,
         Err(_) => Err(DestinationError::retryable("poll timed out")),
     };
+    // The deadline only ends an import the destination has not finished: a
+    // daemon that was down past it polls once before giving up.
+    let unfinished = matches!(polled, Err(_) | Ok(PollStatus::InProgress { .. }));
+    if unfinished && Timestamp::now() >= imp.deadline_at {
+        deadline_passed(dest, shared, &imp, &infos).await;
+        return;
+    }
     match polled {
         Err(e) => poll_error(dest, shared, &imp, &e, "poll").await,
         Ok(PollStatus::InProgress { processed, total }) => {
@@ -178,12 +140,13 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             }
             .emit(&dest.events);
             let now = Timestamp::now();
+            let jitter = fastrand::f64();
             let transitions = infos
                 .iter()
                 .map(|j| JobTransition {
                     job_id: j.job_id,
                     to: if retryable {
-                        retry::after_failure(s, j, error.clone(), now, None, fastrand::f64())
+                        retry::after_failure(s, j, error.clone(), now, None, jitter)
                     } else {
                         Transition::Aborted {
                             error: error.clone(),
@@ -231,6 +194,50 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             }
         }
     }
+}
+
+async fn deadline_passed(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    infos: &[AttemptInfo],
+) {
+    let s = &dest.settings;
+    let now = Timestamp::now();
+    let error = JobError::new(
+        ErrorCode::DeadlineExceeded,
+        format!(
+            "import {} still in progress after asyncImportDeadline ({})",
+            imp.id,
+            crate::settings::fmt_duration(s.import_deadline)
+        ),
+    );
+    let jitter = fastrand::f64();
+    let transitions = infos
+        .iter()
+        .map(|j| JobTransition {
+            job_id: j.job_id,
+            to: retry::after_failure(s, j, error.clone(), now, None, jitter),
+        })
+        .collect();
+    PollFinished {
+        import_id: imp.id,
+        result: PollResult::DeadlineExceeded,
+        progress: None,
+        error: Some(&error.message),
+        poll_errors: imp.poll_errors,
+    }
+    .emit(&dest.events);
+    finish(
+        dest,
+        shared,
+        imp,
+        infos,
+        ImportState::Failed,
+        Some(error),
+        transitions,
+    )
+    .await;
 }
 
 async fn poll_error(
@@ -328,6 +335,7 @@ async fn apply_stats(
         }
     }
     let mut ok = 0usize;
+    let jitter = fastrand::f64();
     let transitions: Vec<JobTransition> = infos
         .iter()
         .map(|j| {
@@ -341,7 +349,7 @@ async fn apply_stats(
                 }
                 Some(Outcome::Aborted(error)) => Transition::Aborted { error },
                 Some(Outcome::Failed(error)) | Some(Outcome::Throttled(error)) => {
-                    retry::after_failure(s, j, error, now, None, fastrand::f64())
+                    retry::after_failure(s, j, error, now, None, jitter)
                 }
             };
             if matches!(to, Transition::Succeeded { .. }) {

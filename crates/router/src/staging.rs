@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use batchrouter_core::store::{AttemptInfo, JobTransition, Transition};
@@ -51,20 +51,10 @@ pub struct CutLimits {
 
 impl StagingFile {
     /// Creates an empty staging file under `dir` (deleted when dropped).
-    pub fn create(dir: &Path, destination_id: &str) -> std::io::Result<StagingFile> {
+    pub fn create(dir: &Path) -> std::io::Result<StagingFile> {
         std::fs::create_dir_all(dir)?;
-        let safe: String = destination_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
         let (file, path) = tempfile::Builder::new()
-            .prefix(&format!("{safe}-"))
+            .prefix("batch-")
             .suffix(".staged")
             .tempfile_in(dir)?
             .into_parts();
@@ -174,11 +164,6 @@ impl StagingFile {
         self.writer.flush()?;
         Ok((self.path, self.jobs, self.bytes))
     }
-
-    /// The file's path (for diagnostics).
-    pub fn path(&self) -> PathBuf {
-        self.path.to_path_buf()
-    }
 }
 
 fn abort(job_id: JobId, code: ErrorCode, message: String) -> JobTransition {
@@ -256,7 +241,7 @@ mod tests {
     fn stages_lines_aborts_bad_ones_and_carries_what_does_not_fit() {
         let dir = tempfile::tempdir().unwrap();
         let m: Arc<dyn AsyncDestinationManager> = Arc::new(Lines);
-        let mut f = StagingFile::create(dir.path(), "dest/1").unwrap();
+        let mut f = StagingFile::create(dir.path()).unwrap();
         let limits = CutLimits {
             max_events: 3,
             max_bytes: 12,
@@ -291,7 +276,7 @@ mod tests {
         let p = path.to_path_buf();
         drop(path);
         assert!(!p.exists(), "staged files are deleted when done");
-        let mut next = StagingFile::create(dir.path(), "dest/1").unwrap();
+        let mut next = StagingFile::create(dir.path()).unwrap();
         let r = next
             .stage(&m, r.carry, vec![], limits, Timestamp(9))
             .unwrap();

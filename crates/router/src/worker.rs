@@ -86,6 +86,12 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
         if shared.shutdown.is_cancelled() {
             break;
         }
+        if dest.paused_until.lock().unwrap().is_some() && !carry.is_empty() {
+            // A pause can outlast the lease: hand the carry back rather than
+            // hold jobs nobody renews.
+            let ids: Vec<JobId> = carry.drain(..).map(|c| c.info.job_id).collect();
+            release(&dest, &shared, &ids).await;
+        }
         if !wait_while_paused(&dest, &shared).await {
             break;
         }
@@ -168,12 +174,30 @@ async fn wait_while_paused(dest: &Destination, shared: &Shared) -> bool {
 }
 
 /// Claims, transforms and stages until a cut condition holds. Returns
-/// `None` at shutdown (after releasing what it held).
+/// `None` at shutdown (after releasing what it held). On an error every job
+/// this batch held (carry included) goes back to `waiting` at once instead
+/// of waiting out its lease.
 async fn build_batch(
     dest: &Arc<Destination>,
     shared: &Arc<Shared>,
     carry: &mut Vec<Carry>,
     carry_lease: &mut Held,
+) -> Result<Option<Staged>, StoreError> {
+    let mut holding: Vec<JobId> = carry.iter().map(|c| c.info.job_id).collect();
+    let result = build_batch_inner(dest, shared, carry, carry_lease, &mut holding).await;
+    if result.is_err() {
+        carry.clear();
+        release(dest, shared, &holding).await;
+    }
+    result
+}
+
+async fn build_batch_inner(
+    dest: &Arc<Destination>,
+    shared: &Arc<Shared>,
+    carry: &mut Vec<Carry>,
+    carry_lease: &mut Held,
+    holding: &mut Vec<JobId>,
 ) -> Result<Option<Staged>, StoreError> {
     let s = &dest.settings;
     let limits = CutLimits {
@@ -204,6 +228,7 @@ async fn build_batch(
                 .await?;
             if !jobs.is_empty() {
                 held.lease_until = held.lease_until.min(lease_until);
+                holding.extend(jobs.iter().map(|j| j.id));
             }
             jobs
         } else {
@@ -215,7 +240,7 @@ async fn build_batch(
                 Some(f) => f,
                 None => {
                     let dir = shared.staging_dir.join(&*dest.id);
-                    tokio::task::spawn_blocking(move || StagingFile::create(&dir, "batch"))
+                    tokio::task::spawn_blocking(move || StagingFile::create(&dir))
                         .await
                         .map_err(|e| StoreError::Backend(e.to_string()))?
                         .map_err(|e| {
@@ -232,14 +257,8 @@ async fn build_batch(
             })
             .await
             .map_err(|e| StoreError::Backend(format!("staging task failed: {e}")))?;
-            let result = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    // The file is unusable: hand its jobs back and start over.
-                    release(dest, shared, &f.job_ids()).await;
-                    return Err(StoreError::Backend(format!("staging write failed: {e}")));
-                }
-            };
+            let result =
+                result.map_err(|e| StoreError::Backend(format!("staging write failed: {e}")))?;
             if !result.aborted.is_empty() {
                 persist_pre_upload_aborts(dest, shared, result.aborted).await;
             }
@@ -369,17 +388,23 @@ async fn acquire_slot(
     let mut held = Held::new(staged.lease_until);
     loop {
         let now = Timestamp::now();
-        match shared
-            .store
-            .acquire_upload_slot(
-                &dest.id,
-                &shared.owner,
-                s.max_concurrent_imports,
-                now,
-                now + s.upload_timeout + s.lease_timeout,
-            )
-            .await
-        {
+        // A throttle pause holds back every upload, this one included.
+        let paused = dest.paused_until.lock().unwrap().filter(|t| *t > now);
+        let attempt = if paused.is_some() {
+            Ok(None)
+        } else {
+            shared
+                .store
+                .acquire_upload_slot(
+                    &dest.id,
+                    &shared.owner,
+                    s.max_concurrent_imports,
+                    now,
+                    now + s.upload_timeout + s.lease_timeout,
+                )
+                .await
+        };
+        match attempt {
             Ok(Some(slot)) => {
                 let mut staged = staged;
                 staged.lease_until = held.lease_until;
@@ -393,9 +418,14 @@ async fn acquire_slot(
         let mut ids: Vec<JobId> = staged.jobs.iter().map(|j| j.job_id).collect();
         ids.extend(carry.iter().map(|c| c.info.job_id));
         held.renew_if_due(dest, shared, &ids).await;
+        let nap = paused
+            .map(|t| t.since(now))
+            .unwrap_or(s.poll_interval)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(5));
         tokio::select! {
             _ = dest.wake_worker.notified() => {}
-            _ = tokio::time::sleep(s.poll_interval.min(Duration::from_secs(1))) => {}
+            _ = tokio::time::sleep(nap) => {}
             _ = shared.shutdown.cancelled() => {
                 let ids: Vec<JobId> = staged.jobs.iter().map(|j| j.job_id).collect();
                 release(dest, shared, &ids).await;
@@ -497,6 +527,9 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
         None
     };
 
+    // One jitter for the whole batch, so its failed jobs come due together
+    // and a retry forms the same batch (same batch id, same remote file).
+    let jitter = fastrand::f64();
     let mut attempted = Vec::with_capacity(ids.len());
     let mut transitions = Vec::with_capacity(output.outcomes.len());
     let (mut n_ok, mut n_bad, mut n_throttled) = (0usize, 0usize, 0usize);
@@ -522,11 +555,14 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
                 n_bad += 1;
                 counted.attempts += 1;
                 counted.first_attempt_at.get_or_insert(now);
-                retry::after_failure(s, &counted, e.clone(), now, pause_until, fastrand::f64())
+                retry::after_failure(s, &counted, e.clone(), now, pause_until, jitter)
             }
             Outcome::Throttled(e) => {
+                // Not an attempt, but the retry window starts at the first
+                // try to upload, throttled or not (as the store records it).
+                counted.first_attempt_at.get_or_insert(now);
                 n_throttled += 1;
-                retry::after_failure(s, &counted, e.clone(), now, pause_until, fastrand::f64())
+                retry::after_failure(s, &counted, e.clone(), now, pause_until, jitter)
             }
         };
         transitions.push(JobTransition { job_id: *id, to });

@@ -1,15 +1,17 @@
 //! Job stores for batchrouter.
 //!
-//! [`SqliteStore`] is the embedded default: one file, one daemon. A
-//! PostgreSQL store lets several daemons share the work. Both implement
+//! [`SqliteStore`] is the embedded default: one file, one daemon.
+//! [`PostgresStore`] lets several daemons share the work. Both implement
 //! [`batchrouter_core::JobStore`] and pass the same conformance suite.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
 
 use batchrouter_core::{JobStore, StoreError};
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Which backend a `store.url` names.
@@ -49,23 +51,13 @@ impl StoreUrl {
 pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
     match StoreUrl::parse(url)? {
         StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path).await?)),
-        StoreUrl::Postgres(_) => Err(StoreError::Invalid(
-            "PostgreSQL store is not available in this build".into(),
-        )),
+        StoreUrl::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url).await?)),
     }
 }
 
-/// The URL with any password replaced, for logs and errors.
+/// The URL with any password (and query) masked, for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-    }
-    url.to_string()
+    batchrouter_core::secret::redact_url(url)
 }
 
 #[cfg(test)]

@@ -96,6 +96,7 @@ struct State {
     bodies_bytes: AtomicU64,
     headers_seen: Mutex<Vec<(String, String)>>,
     last_method: Mutex<String>,
+    arrivals: Mutex<Vec<std::time::Instant>>,
 }
 
 /// A running stand-in; stops when dropped.
@@ -146,6 +147,7 @@ impl HttpStandIn {
             bodies_bytes: AtomicU64::new(0),
             headers_seen: Mutex::new(Vec::new()),
             last_method: Mutex::new(String::new()),
+            arrivals: Mutex::new(Vec::new()),
         });
         let (stop, mut stopped) = watch::channel(false);
         let st = state.clone();
@@ -241,6 +243,11 @@ impl HttpStandIn {
         self.state.bodies_bytes.load(Ordering::Relaxed)
     }
 
+    /// When each request arrived, in order.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.state.arrivals.lock().unwrap().clone()
+    }
+
     /// Method of the last request.
     pub fn last_method(&self) -> String {
         self.state.last_method.lock().unwrap().clone()
@@ -273,6 +280,7 @@ impl std::error::Error for Dropped {}
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
     st.requests.fetch_add(1, Ordering::Relaxed);
     *st.last_method.lock().unwrap() = req.method().to_string();
+    st.arrivals.lock().unwrap().push(std::time::Instant::now());
     *st.headers_seen.lock().unwrap() = req
         .headers()
         .iter()

@@ -5,10 +5,13 @@
 //! HTTP 200 with `success:false` and string codes, tokens handed back
 //! unchanged while alive (601 unknown, 602 expired), the `access_token`
 //! query parameter refused, files of 10 MB or more refused, at most 10
-//! imports queued of which 2 import at once (the 11th gets 1016), imports
-//! that take several polls to finish, and result files whose lookup values
-//! come back trimmed and lower-cased. Faults are scriptable per endpoint, and
-//! counters let tests assert that each lead was imported exactly once.
+//! imports queued of which 2 import at once (the 11th gets 1016), the API
+//! call limits (by default, as Marketo: 100 calls per 20 s, the next gets
+//! 606; 10 calls at once, the 11th gets 615; the token endpoint is not
+//! counted), imports that take several polls to finish, and result files
+//! whose lookup values come back trimmed and lower-cased. Faults are
+//! scriptable per endpoint, and counters let tests assert that each lead was
+//! imported exactly once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -120,6 +123,15 @@ pub struct MarketoOptions {
     pub max_importing: usize,
     /// Count imports per lead (turn off for million-lead benchmarks).
     pub track_leads: bool,
+    /// API calls accepted per `rate_window` (Marketo: 100); the next one in
+    /// the window gets 606. `None` turns the limit off. Calls answered by a
+    /// scripted fault or refused by a limit are not counted.
+    pub max_calls_per_window: Option<usize>,
+    /// The sliding window of `max_calls_per_window` (Marketo: 20 s).
+    pub rate_window: Duration,
+    /// API calls processed at once (Marketo: 10); a call arriving while that
+    /// many are in progress gets 615. `None` turns the limit off.
+    pub max_concurrent_calls: Option<usize>,
 }
 
 impl Default for MarketoOptions {
@@ -133,6 +145,9 @@ impl Default for MarketoOptions {
             max_queued: 10,
             max_importing: 2,
             track_leads: true,
+            max_calls_per_window: Some(100),
+            rate_window: Duration::from_secs(20),
+            max_concurrent_calls: Some(10),
         }
     }
 }
@@ -199,6 +214,11 @@ struct Inner {
     token_errors: u64,
     query_token_uses: u64,
     max_active: usize,
+    calls: VecDeque<Instant>,
+    in_flight: usize,
+    rate_limited: u64,
+    concurrency_limited: u64,
+    withheld_result_rows: usize,
 }
 
 struct Shared {
@@ -309,6 +329,23 @@ impl MarketoStandIn {
             *exp = now;
         }
         inner.current = None;
+    }
+
+    /// Leaves the last `rows` rows out of every result file while the
+    /// import's counts stay, as a result file that lags behind its counts
+    /// would; 0 sends complete files again.
+    pub fn withhold_result_rows(&self, rows: usize) {
+        self.shared.lock().withheld_result_rows = rows;
+    }
+
+    /// Calls answered 606 by the enforced rate limit.
+    pub fn rate_limited(&self) -> u64 {
+        self.shared.lock().rate_limited
+    }
+
+    /// Calls answered 615 by the enforced concurrency limit.
+    pub fn concurrency_limited(&self) -> u64 {
+        self.shared.lock().concurrency_limited
     }
 
     /// Marks an import `Failed` with `message` (as Marketo does for a bad file).
@@ -482,6 +519,65 @@ async fn scripted(shared: &Shared, endpoint: Endpoint) -> Option<Response> {
     }
 }
 
+/// One API call in progress, for the concurrency limit; counted from the
+/// moment the request reached the stand-in until its answer is ready.
+struct Call {
+    shared: Arc<Shared>,
+    at_entry: usize,
+}
+
+impl Call {
+    fn enter(shared: &Arc<Shared>) -> Call {
+        let mut inner = shared.lock();
+        inner.in_flight += 1;
+        Call {
+            shared: shared.clone(),
+            at_entry: inner.in_flight,
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.shared.lock().in_flight -= 1;
+    }
+}
+
+/// Marketo's API call limits: 615 when more calls than allowed were in
+/// progress as this one arrived, 606 when the sliding window is full.
+fn limited(shared: &Shared, call: &Call) -> Option<Response> {
+    let opts = &shared.opts;
+    let mut inner = shared.lock();
+    if let Some(max) = opts.max_concurrent_calls {
+        if call.at_entry > max {
+            inner.concurrency_limited += 1;
+            return Some(api_error("615", "Concurrent access limit reached"));
+        }
+    }
+    if let Some(max) = opts.max_calls_per_window {
+        let now = Instant::now();
+        while inner
+            .calls
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= opts.rate_window)
+        {
+            inner.calls.pop_front();
+        }
+        if inner.calls.len() >= max {
+            inner.rate_limited += 1;
+            return Some(api_error(
+                "606",
+                &format!(
+                    "Max rate limit '{max}' exceeded with in '{}' secs",
+                    opts.rate_window.as_secs()
+                ),
+            ));
+        }
+        inner.calls.push_back(now);
+    }
+    None
+}
+
 /// Checks `Authorization: Bearer`; refuses the retired query parameter.
 fn check_auth(
     shared: &Shared,
@@ -604,8 +700,12 @@ async fn create_import(
 ) -> Response {
     // The body is read before answering, as Marketo does, so a scripted
     // answer reaches the client instead of a reset mid-upload.
+    let call = Call::enter(&shared);
     let up = read_upload(multipart).await;
     if let Some(r) = scripted(&shared, Endpoint::CreateImport).await {
+        return r;
+    }
+    if let Some(r) = limited(&shared, &call) {
         return r;
     }
     if let Some(r) = check_auth(&shared, &headers, &params) {
@@ -839,7 +939,11 @@ async fn batch_status(
     Query(params): Params,
     Path(file): Path<String>,
 ) -> Response {
+    let call = Call::enter(&shared);
     if let Some(r) = scripted(&shared, Endpoint::Status).await {
+        return r;
+    }
+    if let Some(r) = limited(&shared, &call) {
         return r;
     }
     if let Some(r) = check_auth(&shared, &headers, &params) {
@@ -887,7 +991,11 @@ async fn result_file(
         "warnings.json" => (Endpoint::Warnings, "Import Warning Reason"),
         _ => return api_error("610", "Requested resource not found"),
     };
+    let call = Call::enter(&shared);
     if let Some(r) = scripted(&shared, endpoint).await {
+        return r;
+    }
+    if let Some(r) = limited(&shared, &call) {
         return r;
     }
     if let Some(r) = check_auth(&shared, &headers, &params) {
@@ -908,6 +1016,7 @@ async fn result_file(
     } else {
         &imp.warnings
     };
+    let rows = &rows[..rows.len().saturating_sub(inner.withheld_result_rows)];
     let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
     let mut header_row = imp.info.columns.clone();
     header_row.push(reason_col.to_string());

@@ -65,7 +65,10 @@ impl PgServer {
     /// The process-wide server, started on first use; the error says why
     /// none is available.
     pub fn get() -> Result<&'static PgServer, String> {
-        SERVER.get_or_init(PgServer::init).as_ref().map_err(Clone::clone)
+        SERVER
+            .get_or_init(PgServer::init)
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// URL of the maintenance database, for administrative statements.
@@ -89,9 +92,12 @@ impl PgServer {
                     psql,
                     owned_dir: None,
                 };
-                server
-                    .psql(&server.admin_url, "SELECT 1")
-                    .map_err(|e| format!("{URL_ENV} ({}) is not usable: {e}", redact(&server.admin_url)))?;
+                server.psql(&server.admin_url, "SELECT 1").map_err(|e| {
+                    format!(
+                        "{URL_ENV} ({}) is not usable: {e}",
+                        redact(&server.admin_url)
+                    )
+                })?;
                 return Ok(server);
             }
         }
@@ -106,7 +112,18 @@ impl PgServer {
     /// Runs one statement through `psql` against `url`.
     fn psql(&self, url: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(&self.psql)
-            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
             .env("PGCONNECT_TIMEOUT", "10")
             .stdin(Stdio::null())
             .output()
@@ -128,7 +145,10 @@ pub struct TestDatabase {
 
 impl std::fmt::Debug for TestDatabase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestDatabase").field("name", &self.name).field("url", &redact(&self.url)).finish()
+        f.debug_struct("TestDatabase")
+            .field("name", &self.name)
+            .field("url", &redact(&self.url))
+            .finish()
     }
 }
 
@@ -154,9 +174,16 @@ impl TestDatabase {
     /// Blocking form of [`TestDatabase::create`] that reports why it failed.
     pub fn create_blocking(test: &str) -> Result<TestDatabase, String> {
         let server = PgServer::get()?;
-        let name = database_name(test, std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
+        let name = database_name(
+            test,
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::Relaxed),
+        );
         server
-            .psql(&server.admin_url, &format!("CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'"))
+            .psql(
+                &server.admin_url,
+                &format!("CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'"),
+            )
             .map_err(|e| format!("CREATE DATABASE {name} failed: {e}"))?;
         Ok(TestDatabase {
             server,
@@ -199,7 +226,13 @@ pub fn database_name(test: &str, pid: u32, n: u64) -> String {
     let suffix = format!("_{pid}_{n}");
     let mut stem: String = test
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     stem.truncate(63 - 3 - suffix.len());
     format!("br_{stem}{suffix}")
@@ -275,7 +308,7 @@ fn versioned_bin_dirs() -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0));
     let mut out: Vec<PathBuf> = dirs.into_iter().map(|(_, p)| p).collect();
     let default = PathBuf::from(DEFAULT_BIN_DIR);
     if !out.contains(&default) {
@@ -297,7 +330,12 @@ fn find_tool(tool: &str, preferred: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = preferred.map(|d| d.join(tool)).filter(|p| p.is_file()) {
         return Some(p);
     }
-    in_path(tool).or_else(|| versioned_bin_dirs().into_iter().map(|d| d.join(tool)).find(|p| p.is_file()))
+    in_path(tool).or_else(|| {
+        versioned_bin_dirs()
+            .into_iter()
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
 }
 
 /// A command run as the `postgres` account when we are root (initdb and
@@ -326,7 +364,9 @@ fn process_alive(pid: u32) -> bool {
 /// Stops servers and removes directories left by earlier test processes
 /// that ended without running their exit hook (and whose watchdog is gone).
 fn sweep_stale_clusters(root: &Path) {
-    let Ok(entries) = fs::read_dir(root) else { return };
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().to_string();
         let Some(owner) = name
@@ -347,7 +387,9 @@ fn sweep_stale_clusters(root: &Path) {
             let cmdline = fs::read(format!("/proc/{pm}/cmdline")).unwrap_or_default();
             if String::from_utf8_lossy(&cmdline).contains("postgres") {
                 // SIGQUIT: immediate shutdown of an orphaned test server.
-                let _ = Command::new("kill").args(["-QUIT", &pm.to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-QUIT", &pm.to_string()])
+                    .status();
             }
         }
         let _ = fs::remove_dir_all(e.path());
@@ -358,7 +400,11 @@ fn start_cluster(bin: &Path) -> Result<PgServer, String> {
     let root = clusters_root();
     fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
     sweep_stale_clusters(&root);
-    let dir = root.join(format!("cluster-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+    let dir = root.join(format!(
+        "cluster-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let as_postgres = is_root();
     // Armed before anything starts, so a kill at any point cleans up.
@@ -394,7 +440,16 @@ fn init_and_start(bin: &Path, dir: &Path, as_postgres: bool) -> Result<PgServer,
     let out = pg_command(as_postgres, &bin.join("initdb"))
         .arg("-D")
         .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run initdb: {e}"))?;
@@ -436,7 +491,9 @@ fn init_and_start(bin: &Path, dir: &Path, as_postgres: bool) -> Result<PgServer,
         }
         last_error = fs::read_to_string(&log).unwrap_or_default();
     }
-    Err(format!("pg_ctl start failed three times; server log:\n{last_error}"))
+    Err(format!(
+        "pg_ctl start failed three times; server log:\n{last_error}"
+    ))
 }
 
 extern "C" {
@@ -501,8 +558,14 @@ mod tests {
 
     #[test]
     fn database_urls_keep_credentials_and_parameters() {
-        assert_eq!(with_database("postgres://u:p@h:5432/postgres", "x"), "postgres://u:p@h:5432/x");
-        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "x"),
+            "postgres://u:p@h:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/db?sslmode=disable", "x"),
+            "postgres://u@h/x?sslmode=disable"
+        );
         assert_eq!(with_database("postgresql://h:1", "x"), "postgresql://h:1/x");
     }
 
@@ -519,7 +582,10 @@ mod tests {
     #[test]
     fn passwords_are_hidden() {
         assert_eq!(redact("postgres://u:s3cret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact_text("auth failed for s3cret", "postgres://u:s3cret@h/db"), "auth failed for ***");
+        assert_eq!(
+            redact_text("auth failed for s3cret", "postgres://u:s3cret@h/db"),
+            "auth failed for ***"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 
@@ -530,18 +596,28 @@ mod tests {
             Err(why) => return crate::skip_or_fail("private database test", &why),
         };
         let b = TestDatabase::create_blocking("private_b").unwrap();
-        a.psql("CREATE TABLE only_here (x int); INSERT INTO only_here VALUES (7)").unwrap();
+        a.psql("CREATE TABLE only_here (x int); INSERT INTO only_here VALUES (7)")
+            .unwrap();
         assert_eq!(a.psql("SELECT x FROM only_here").unwrap(), "7");
-        assert!(b.psql("SELECT x FROM only_here").is_err(), "databases do not share tables");
+        assert!(
+            b.psql("SELECT x FROM only_here").is_err(),
+            "databases do not share tables"
+        );
         let name = a.name().to_string();
         let server = PgServer::get().unwrap();
         drop(a);
         let left = server
-            .psql(server.admin_url(), &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"))
+            .psql(
+                server.admin_url(),
+                &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+            )
             .unwrap();
         assert_eq!(left, "0", "dropped with the guard");
         if let Some(data) = server.data_dir() {
-            assert!(data.join("postmaster.pid").is_file(), "our own cluster is running");
+            assert!(
+                data.join("postmaster.pid").is_file(),
+                "our own cluster is running"
+            );
         }
     }
 }

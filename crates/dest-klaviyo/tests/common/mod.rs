@@ -24,24 +24,17 @@ use serde_json::{json, Value};
 #[derive(Default)]
 pub struct Recorder {
     pub requests: Mutex<Vec<String>>,
-    pub unmatched: AtomicU64,
 }
 
 impl DestinationTelemetry for Recorder {
     fn request(&self, status: &str) {
         self.requests.lock().unwrap().push(status.to_string());
     }
-    fn unmatched_results(&self, count: u64) {
-        self.unmatched.fetch_add(count, Ordering::Relaxed);
-    }
 }
 
 impl Recorder {
     pub fn statuses(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
-    }
-    pub fn unmatched(&self) -> u64 {
-        self.unmatched.load(Ordering::Relaxed)
     }
 }
 

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,15 +20,11 @@ use serde_json::{json, Value};
 #[derive(Default)]
 pub struct RecordingTelemetry {
     pub requests: Mutex<Vec<String>>,
-    pub unmatched: AtomicU64,
 }
 
 impl DestinationTelemetry for RecordingTelemetry {
     fn request(&self, status: &str) {
         self.requests.lock().unwrap().push(status.to_string());
-    }
-    fn unmatched_results(&self, count: u64) {
-        self.unmatched.fetch_add(count, Ordering::SeqCst);
     }
 }
 

@@ -25,7 +25,6 @@ impl DestinationTelemetry for Recorder {
     fn request(&self, status: &str) {
         self.requests.lock().unwrap().push(status.to_string());
     }
-    fn unmatched_results(&self, _count: u64) {}
 }
 
 impl Recorder {

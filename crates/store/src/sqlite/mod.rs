@@ -103,7 +103,7 @@ fn take_lock(db: &Path) -> Result<File, StoreError> {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Locked(format!(
                 "{} is in use by another batchrouterd ({}); the SQLite store belongs to one daemon at a time — use PostgreSQL to run several",
                 db.display(),
                 if holder.is_empty() { "holder unknown" } else { holder }
@@ -334,7 +334,8 @@ impl<'a> TransitionRow<'a> {
 }
 
 /// Writes transitions; jobs in `attempted` also count an upload attempt in
-/// the same row write (one write per job, not two).
+/// the same row write (one write per job, not two). The retry window starts
+/// at the first transition out of an upload, counted or throttled.
 fn apply_transitions(
     tx: &Transaction<'_>,
     fence: &Fence<'_>,
@@ -346,8 +347,7 @@ fn apply_transitions(
     let sql = format!(
         "UPDATE jobs SET state = ?2, error_code = ?3, error_message = ?4, note = ?5, external_id = ?6, \
          next_attempt_at = COALESCE(?7, next_attempt_at), completed_at = ?8, updated_at = ?10, \
-         attempts = attempts + ?11, \
-         first_attempt_at = CASE WHEN ?11 = 1 THEN COALESCE(first_attempt_at, ?10) ELSE first_attempt_at END, \
+         attempts = attempts + ?11, first_attempt_at = COALESCE(first_attempt_at, ?10), \
          lease_owner = NULL, lease_expires_at = NULL \
          WHERE id = ?1 AND {}",
         fence.clause()
@@ -497,8 +497,8 @@ impl JobStore for SqliteStore {
             {
                 let mut ins = tx
                     .prepare_cached(
-                        "INSERT INTO jobs (destination_id, payload, message_id, created_at, updated_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?4) \
+                        "INSERT INTO jobs (destination_id, payload, message_id, next_attempt_at, created_at, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?4, ?4) \
                          ON CONFLICT (destination_id, message_id) WHERE message_id IS NOT NULL DO NOTHING \
                          RETURNING id",
                     )
@@ -552,7 +552,7 @@ impl JobStore for SqliteStore {
                         "UPDATE jobs SET state = 'executing', lease_owner = ?1, lease_expires_at = ?2, updated_at = ?3 \
                          WHERE id IN (SELECT id FROM jobs WHERE destination_id = ?4 \
                                       AND state IN ('waiting', 'failed') AND next_attempt_at <= ?3 \
-                                      ORDER BY id LIMIT ?5) \
+                                      ORDER BY next_attempt_at, id LIMIT ?5) \
                          RETURNING id, payload, message_id, attempts, retry_base, first_attempt_at, created_at",
                     )
                     .map_err(backend)?;
@@ -841,7 +841,7 @@ impl JobStore for SqliteStore {
     }
 
     async fn importing_jobs(&self, import_id: ImportId) -> Result<Vec<AttemptInfo>, StoreError> {
-        self.write(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT id, attempts, retry_base, first_attempt_at, created_at FROM jobs \
@@ -938,7 +938,7 @@ impl JobStore for SqliteStore {
 
     async fn next_poll_due(&self, destination_id: &str) -> Result<Option<Timestamp>, StoreError> {
         let dest = destination_id.to_string();
-        self.write(move |conn| {
+        self.read(move |conn| {
             conn.query_row(
                 "SELECT MIN(next_poll_at) FROM imports WHERE destination_id = ?1 AND state IN ('pending', 'processing')",
                 params![dest],
@@ -1206,7 +1206,7 @@ mod tests {
                 let mut stmt = conn
                     .prepare(
                         "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE destination_id = 'd' \
-                         AND state IN ('waiting', 'failed') AND next_attempt_at <= 5 ORDER BY id LIMIT 10",
+                         AND state IN ('waiting', 'failed') AND next_attempt_at <= 5 ORDER BY next_attempt_at, id LIMIT 10",
                     )
                     .map_err(backend)?;
                 let rows = stmt.query_map([], |r| r.get::<_, String>(3)).map_err(backend)?;

@@ -17,7 +17,7 @@ CREATE TABLE jobs (
                      CHECK (state IN ('waiting','executing','importing','succeeded','failed','aborted')),
     attempts         INTEGER NOT NULL DEFAULT 0,
     retry_base       INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at  INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
     first_attempt_at INTEGER,
     lease_owner      TEXT,
     lease_expires_at INTEGER,
@@ -31,7 +31,7 @@ CREATE TABLE jobs (
     completed_at     INTEGER
 );
 CREATE UNIQUE INDEX jobs_message_id ON jobs (destination_id, message_id) WHERE message_id IS NOT NULL;
-CREATE INDEX jobs_due ON jobs (destination_id, id) WHERE state IN ('waiting', 'failed');
+CREATE INDEX jobs_due ON jobs (destination_id, next_attempt_at, id) WHERE state IN ('waiting', 'failed');
 CREATE INDEX jobs_state ON jobs (state, destination_id);
 CREATE INDEX jobs_importing ON jobs (import_id) WHERE state = 'importing';
 CREATE INDEX jobs_completed ON jobs (completed_at) WHERE completed_at IS NOT NULL;

@@ -741,6 +741,271 @@ pub async fn counts_cover_every_state(s: Store) {
     s.ping().await.unwrap();
 }
 
+pub async fn ids_are_never_reused(s: Store) {
+    let old = Timestamp::now() - 10 * 86400 * SEC;
+    let first = s.insert_jobs(jobs("d1", 3), old).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 3, old, old + 60 * SEC)
+        .await
+        .unwrap();
+    let mut c = commit("d1", "A", old);
+    c.attempted = held.iter().map(|j| j.id).collect();
+    c.transitions = held
+        .iter()
+        .map(|j| JobTransition {
+            job_id: j.id,
+            to: succeeded(),
+        })
+        .collect();
+    s.commit_upload(c).await.unwrap();
+    assert_eq!(s.sweep_terminal(Timestamp::now(), 100).await.unwrap(), 3);
+    let again = s
+        .insert_jobs(jobs("d1", 1), Timestamp::now())
+        .await
+        .unwrap();
+    let highest = first.iter().map(|i| i.job_id).max().unwrap();
+    assert!(
+        again[0].job_id > highest,
+        "a deleted job's id is never handed out again"
+    );
+}
+
+pub async fn an_import_counts_only_the_jobs_it_really_took(s: Store) {
+    let now = Timestamp::now();
+    s.insert_jobs(jobs("d1", 3), now).await.unwrap();
+    let mine = s
+        .claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    let theirs = s
+        .claim_jobs("d1", "B", 1, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = mine.iter().map(|j| j.id).collect();
+    ids.push(theirs[0].id);
+    let mut c = commit("d1", "A", now);
+    c.attempted = ids.clone();
+    c.imports = vec![ImportToCreate {
+        batch_id: "b".into(),
+        context: json!({"n": 3}),
+        job_ids: ids.clone(),
+        next_poll_at: now,
+        deadline_at: now + 3600 * SEC,
+    }];
+    let r = s.commit_upload(c).await.unwrap();
+    assert_eq!((r.applied, r.rejected.clone()), (2, vec![theirs[0].id]));
+    let imp = s.get_import(r.import_ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        imp.job_count, 2,
+        "the job held by B is not part of A's import"
+    );
+    let b = s.get_job(theirs[0].id).await.unwrap().unwrap();
+    assert_eq!(
+        (b.state, b.attempts, b.import_id),
+        (JobState::Executing, 0, None)
+    );
+    assert_eq!(s.importing_jobs(imp.id).await.unwrap().len(), 2);
+}
+
+pub async fn a_job_named_twice_is_written_once(s: Store) {
+    let now = Timestamp::now();
+    s.insert_jobs(jobs("d1", 2), now).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    let (a, b) = (held[0].id, held[1].id);
+    let mut c = commit("d1", "A", now);
+    c.attempted = vec![a, b];
+    c.imports = vec![ImportToCreate {
+        batch_id: "b".into(),
+        context: json!({}),
+        job_ids: vec![a],
+        next_poll_at: now,
+        deadline_at: now + 3600 * SEC,
+    }];
+    let abort = Transition::Aborted {
+        error: JobError::new(ErrorCode::DestinationRejected, "no"),
+    };
+    c.transitions = vec![
+        JobTransition {
+            job_id: a,
+            to: succeeded(),
+        },
+        JobTransition {
+            job_id: b,
+            to: succeeded(),
+        },
+        JobTransition {
+            job_id: b,
+            to: abort,
+        },
+    ];
+    let r = s.commit_upload(c).await.unwrap();
+    assert_eq!(r.applied, 2);
+    let mut rejected = r.rejected.clone();
+    rejected.sort_unstable();
+    assert_eq!(
+        rejected,
+        vec![a, b],
+        "the import took `a`; `b`'s second transition is refused"
+    );
+    let ja = s.get_job(a).await.unwrap().unwrap();
+    assert_eq!((ja.state, ja.attempts), (JobState::Importing, 1));
+    let jb = s.get_job(b).await.unwrap().unwrap();
+    assert_eq!(
+        (jb.state, jb.attempts),
+        (JobState::Succeeded, 1),
+        "counted once, first word wins"
+    );
+}
+
+pub async fn polls_after_the_finish_are_refused(s: Store) {
+    let now = Timestamp::now();
+    let (import_id, ids) = one_import(&s, "d1", 1, now).await;
+    let t = now + 2 * SEC;
+    assert_eq!(
+        s.claim_due_imports("d1", "A", 10, t, t + 60 * SEC)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let r = s
+        .finish_import(ImportFinish {
+            import_id,
+            owner: "A".into(),
+            state: ImportState::Completed,
+            error: None,
+            transitions: vec![JobTransition {
+                job_id: ids[0],
+                to: succeeded(),
+            }],
+            now: t,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.applied, 1);
+    let late = s
+        .record_poll(PollUpdate {
+            import_id,
+            owner: "A".into(),
+            state: ImportState::Processing,
+            progress: Some(10),
+            poll_error: None,
+            next_poll_at: t,
+            lease_until: t + 60 * SEC,
+            now: t,
+        })
+        .await
+        .unwrap();
+    assert!(!late, "a finished import is never reopened by a late poll");
+    let imp = s.get_import(import_id).await.unwrap().unwrap();
+    assert_eq!((imp.state, imp.progress), (ImportState::Completed, 100));
+    assert!(s
+        .claim_due_imports("d1", "A", 10, t + 60 * SEC, t + 120 * SEC)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn odd_text_from_destinations_is_stored(s: Store) {
+    let now = Timestamp::now();
+    s.insert_jobs(jobs("d1", 2), now).await.unwrap();
+    let held = s
+        .claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    let mut c = commit("d1", "A", now);
+    c.attempted = held.iter().map(|j| j.id).collect();
+    c.transitions = vec![
+        JobTransition {
+            job_id: held[0].id,
+            to: Transition::Aborted {
+                error: JobError::new(
+                    ErrorCode::RecordRejected,
+                    "bad\0byte — «ünïcode» '; DROP TABLE jobs; --",
+                ),
+            },
+        },
+        JobTransition {
+            job_id: held[1].id,
+            to: Transition::Succeeded {
+                note: Some("warn\0ing".into()),
+                external_id: Some("ext'\"".into()),
+            },
+        },
+    ];
+    assert_eq!(s.commit_upload(c).await.unwrap().applied, 2);
+    let e = s.get_job(held[0].id).await.unwrap().unwrap().error.unwrap();
+    assert!(
+        e.message.starts_with("bad") && e.message.ends_with("'; DROP TABLE jobs; --"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("«ünïcode»"));
+    let ok = s.get_job(held[1].id).await.unwrap().unwrap();
+    assert!(ok.note.unwrap().starts_with("warn"));
+    assert_eq!(ok.external_id.as_deref(), Some("ext'\""));
+}
+
+pub async fn due_jobs_are_claimed_longest_due_first(s: Store) {
+    let now = Timestamp::now();
+    let first = s.insert_jobs(jobs("d1", 2), now).await.unwrap();
+    let (a, b) = (first[0].job_id, first[1].job_id);
+    assert_eq!(
+        s.get_job(a).await.unwrap().unwrap().next_attempt_at,
+        Some(now),
+        "a new job is due from its arrival"
+    );
+    s.claim_jobs("d1", "A", 2, now, now + 60 * SEC)
+        .await
+        .unwrap();
+    let mut c = commit("d1", "A", now);
+    // `a` was uploaded and failed; `b` was throttled (no attempt spent).
+    c.attempted = vec![a];
+    c.transitions = vec![
+        JobTransition {
+            job_id: a,
+            to: Transition::Failed {
+                error: JobError::new(ErrorCode::DestinationUnavailable, "503"),
+                next_attempt_at: now + 10 * SEC,
+            },
+        },
+        JobTransition {
+            job_id: b,
+            to: Transition::Failed {
+                error: JobError::new(ErrorCode::Throttled, "429"),
+                next_attempt_at: now + 30 * SEC,
+            },
+        },
+    ];
+    s.commit_upload(c).await.unwrap();
+    let later = s.insert_jobs(jobs("d1", 2), now + 5 * SEC).await.unwrap();
+    let t = now + 60 * SEC;
+    let order: Vec<i64> = s
+        .claim_jobs("d1", "A", 3, t, t + 60 * SEC)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let mut expected = vec![later[0].job_id, later[1].job_id, a];
+    expected.sort_unstable();
+    assert_eq!(
+        order, expected,
+        "due at +5s, +5s and +10s go before `b` (due at +30s)"
+    );
+    let rest = s.claim_jobs("d1", "A", 3, t, t + 60 * SEC).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].id, b);
+    assert_eq!(
+        (rest[0].attempts, rest[0].first_attempt_at),
+        (0, Some(now)),
+        "a throttled upload spends no attempt but starts the retry window"
+    );
+}
+
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:path) => {
@@ -760,6 +1025,12 @@ macro_rules! conformance_tests {
             upload_slots_bound_concurrency,
             retention_sweep_deletes_old_terminal_jobs_in_batches,
             counts_cover_every_state,
+            ids_are_never_reused,
+            an_import_counts_only_the_jobs_it_really_took,
+            a_job_named_twice_is_written_once,
+            polls_after_the_finish_are_refused,
+            odd_text_from_destinations_is_stored,
+            due_jobs_are_claimed_longest_due_first,
         );
     };
     (@each $factory:path; $($name:ident),* $(,)?) => {

@@ -4,13 +4,14 @@
 //! trailing slash accepted), real headers (`Authorization: Klaviyo-API-Key`,
 //! a dated `revision`, the JSON:API media type) and real error shapes
 //! (JSON:API `errors` with `source.pointer`), limits (10,000 profiles →
-//! 400, 5 MB → 413), per-profile validation errors that reject the whole
-//! request, imports that progress over several polls and may end
-//! `cancelled`, per-profile import errors behind cursor pagination (page
-//! size 20 like the vendor), and scriptable faults (429 storms with
-//! `Retry-After`, 5xx, delays, dropped connections). It counts the
-//! profiles each import really applied, per key, so tests can assert
-//! exactly-once delivery.
+//! 400, 5 MB → 413, ~100 KB per profile → 400 naming the profile),
+//! per-profile validation errors that reject the whole request, imports
+//! that progress over several polls and may end `cancelled`, per-profile
+//! import errors behind cursor pagination (`page[size]` 1–100, default 20,
+//! like the vendor; the links keep the size), optional enforcement of the
+//! rate limits, and scriptable faults (429 storms with `Retry-After`, 5xx,
+//! delays, dropped connections). It counts the profiles each import really
+//! applied, per key, so tests can assert exactly-once delivery.
 
 mod server;
 
@@ -28,6 +29,9 @@ use tokio::sync::watch;
 pub const DEFAULT_API_KEY: &str = "pk_standin_0123456789abcdef";
 /// The oldest `revision` accepted by default; older ones are refused.
 pub const DEFAULT_OLDEST_REVISION: &str = "2023-02-22";
+/// The largest `page[size]` of import errors (the vendor's maximum); a
+/// larger or non-positive one is refused with 400.
+pub const MAX_ERRORS_PAGE_SIZE: usize = 100;
 
 /// How the stand-in behaves; the defaults are the vendor's figures.
 #[derive(Clone, Debug)]
@@ -40,7 +44,11 @@ pub struct KlaviyoStandInOptions {
     pub max_profiles: usize,
     /// Largest create request body in bytes (vendor: 5 MB; more → 413).
     pub max_body_bytes: usize,
-    /// Import errors per page (vendor default: 20).
+    /// Largest profile, as compact JSON (vendor: about 100 KB; more → 400
+    /// with an error pointing at the profile, rejecting the request).
+    pub max_profile_bytes: usize,
+    /// Import errors per page when the request names no `page[size]`
+    /// (vendor: 20; a `page[size]` of 1 to [`MAX_ERRORS_PAGE_SIZE`] is honoured).
     pub errors_page_size: usize,
     /// Status polls an import needs to end (0: it ends at creation).
     pub polls_to_complete: u32,
@@ -57,6 +65,7 @@ impl Default for KlaviyoStandInOptions {
             oldest_revision: DEFAULT_OLDEST_REVISION.to_string(),
             max_profiles: 10_000,
             max_body_bytes: 5_000_000,
+            max_profile_bytes: 100_000,
             errors_page_size: 20,
             polls_to_complete: 3,
             track_keys: true,
@@ -216,6 +225,7 @@ struct Script {
     known_lists: Option<HashSet<String>>,
     cancel_next: u32,
     links_origin: Option<String>,
+    omit_original_payload: bool,
 }
 
 struct Import {
@@ -337,6 +347,12 @@ impl KlaviyoStandIn {
     /// The next `n` imports created end `cancelled` instead of `complete`.
     pub fn cancel_next_imports(&self, n: u32) {
         self.state.script.lock().unwrap().cancel_next += n;
+    }
+
+    /// Import errors of imports created from now on carry no
+    /// `original_payload` (only the pointer names the profile).
+    pub fn omit_original_payload(&self, omit: bool) {
+        self.state.script.lock().unwrap().omit_original_payload = omit;
     }
 
     /// Pagination links use this origin instead of the stand-in's own.

@@ -16,7 +16,9 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::{CreateRecord, Import, KlaviyoFault, RequestRecord, Route, State};
+use super::{
+    CreateRecord, Import, KlaviyoFault, RequestRecord, Route, State, MAX_ERRORS_PAGE_SIZE,
+};
 
 const JSON_API: &str = "application/vnd.api+json";
 const PROFILES_POINTER: &str = "/data/attributes/profiles/data";
@@ -399,6 +401,20 @@ fn create(st: &State, body: &Bytes) -> Answer {
             ));
             continue;
         }
+        let size = p.to_string().len();
+        if size > st.opts.max_profile_bytes {
+            errors.push(error_object(
+                400,
+                "invalid",
+                "Invalid input.",
+                &format!(
+                    "Profile is {size} bytes; a profile may be at most {} bytes.",
+                    st.opts.max_profile_bytes
+                ),
+                json!({"pointer": base}),
+            ));
+            continue;
+        }
         if let Some(email) = attrs.get("email").and_then(Value::as_str) {
             if !email.contains('@') {
                 errors.push(error_object(
@@ -452,7 +468,7 @@ fn create(st: &State, body: &Bytes) -> Answer {
             if let Some(pid) = p.get("id") {
                 original.insert("id".into(), pid.clone());
             }
-            import.errors.push(json!({
+            let mut error = json!({
                 "type": "import-error",
                 "id": format!("{id}-E{i}"),
                 "attributes": {
@@ -462,7 +478,13 @@ fn create(st: &State, body: &Bytes) -> Answer {
                     "source": {"pointer": format!("{PROFILES_POINTER}/{i}/attributes/{}", rule.field)},
                     "original_payload": Value::Object(original),
                 }
-            }));
+            });
+            if script.omit_original_payload {
+                if let Some(a) = error["attributes"].as_object_mut() {
+                    a.remove("original_payload");
+                }
+            }
+            import.errors.push(error);
         } else {
             import.ok_count += 1;
             if st.opts.track_keys {
@@ -583,12 +605,26 @@ fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
             None,
         );
     };
-    let cursor = query
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| k.replace("%5B", "[").replace("%5D", "]") == "page[cursor]")
-        .map(|(_, v)| v.to_string());
+    let cursor = query_param(query, "page[cursor]");
+    let size = match query_param(query, "page[size]") {
+        None => st.opts.errors_page_size.max(1),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_ERRORS_PAGE_SIZE).contains(&n) => n,
+            _ => {
+                return error(
+                    400,
+                    "invalid",
+                    "Invalid input.",
+                    &format!("Page size must be between 1 and {MAX_ERRORS_PAGE_SIZE}; got '{v}'."),
+                    Some(json!({"parameter": "page[size]"})),
+                )
+            }
+        },
+    };
+    // Links keep an explicit size, as the vendor's do.
+    let size_param = query_param(query, "page[size]")
+        .map(|_| format!("&page%5Bsize%5D={size}"))
+        .unwrap_or_default();
     let offset = match cursor
         .as_deref()
         .map(|c| c.strip_prefix('c').and_then(|n| n.parse::<usize>().ok()))
@@ -611,7 +647,6 @@ fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
     } else {
         &[]
     };
-    let size = st.opts.errors_page_size.max(1);
     let page: Vec<Value> = all.iter().skip(offset).take(size).cloned().collect();
     let origin = st
         .script
@@ -621,7 +656,7 @@ fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
         .clone()
         .unwrap_or_else(|| format!("http://{}", st.addr));
     let link = |off: usize| {
-        format!("{origin}/api/profile-bulk-import-jobs/{id}/import-errors?page%5Bcursor%5D=c{off}")
+        format!("{origin}/api/profile-bulk-import-jobs/{id}/import-errors?page%5Bcursor%5D=c{off}{size_param}")
     };
     let next = (offset + size < all.len()).then(|| link(offset + size));
     let prev = (offset > 0).then(|| link(offset.saturating_sub(size)));
@@ -638,6 +673,16 @@ fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
             }
         }),
     )
+}
+
+/// A query parameter's value; bracketed names match encoded or not.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.replace("%5B", "[").replace("%5D", "]") == name)
+        .map(|(_, v)| v.to_string())
 }
 
 fn error_object(status: u16, code: &str, title: &str, detail: &str, source: Value) -> Value {
@@ -739,6 +784,15 @@ mod tests {
             route_of(&Method::GET, "/api/profiles"),
             (Route::Other, None)
         );
+    }
+
+    #[test]
+    fn query_params_match_encoded_and_plain_brackets() {
+        let q = Some("page%5Bcursor%5D=c20&page[size]=100");
+        assert_eq!(query_param(q, "page[cursor]").as_deref(), Some("c20"));
+        assert_eq!(query_param(q, "page[size]").as_deref(), Some("100"));
+        assert_eq!(query_param(q, "page[other]"), None);
+        assert_eq!(query_param(None, "page[size]"), None);
     }
 
     #[test]
