@@ -256,6 +256,12 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
     );
     let (status, _) = d.get("/v1/imports/abc").await;
     assert_eq!(status, 404);
+    let (status, e) = d.get("/v1/jobs").await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{e}"
+    );
     // The open endpoints stay open.
     let plain = reqwest::get(d.url("/healthz")).await.unwrap();
     assert_eq!(plain.status(), 200);

@@ -233,3 +233,27 @@ async fn a_short_staged_file_fails_the_missing_jobs() {
     assert_eq!(*id, 99);
     assert!(matches!(o, Outcome::Failed(e) if e.code == ErrorCode::Internal));
 }
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    let s = HttpStandIn::start().await;
+    let elsewhere = HttpStandIn::start().await;
+    s.push_fault(Fault::redirect(301, elsewhere.url()));
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(json!({"url": s.url(), "headers": {"X-Api-Key": "k3y"}}));
+    let out = m.upload(&stage(&m, dir.path(), 3)).await;
+    assert_eq!(
+        outcome_counts(&out),
+        (0, 0, 3, 0),
+        "a 301 is a permanent answer"
+    );
+    match &out.outcomes[0].1 {
+        Outcome::Aborted(e) => assert!(e.message.starts_with("HTTP 301"), "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        elsewhere.requests(),
+        0,
+        "records and headers never went elsewhere"
+    );
+}

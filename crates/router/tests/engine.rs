@@ -203,8 +203,11 @@ async fn throttling_pauses_without_spending_attempts() {
         .insert_jobs(numbered_jobs("t", "t", 50), Timestamp::now())
         .await
         .unwrap();
+    // Batches of ten: while the first is throttled the next is staged and
+    // waiting for the upload slot; it must wait out the pause too.
     let settings = RouterSettings {
         max_retries: 0,
+        max_events_in_batch: 10,
         ..fast()
     };
     let started = Instant::now();
@@ -238,6 +241,113 @@ async fn throttling_pauses_without_spending_attempts() {
         6,
         "one throttled request, then five arrays of ten"
     );
+    let arrivals = s.arrivals();
+    assert!(
+        arrivals[1..]
+            .iter()
+            .all(|t| t.duration_since(arrivals[0]) >= Duration::from_millis(950)),
+        "no request during the Retry-After pause, not even from a batch already staged"
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_never_aborts_old_jobs_that_were_never_uploaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+    let s = HttpStandIn::start().await;
+    s.push_fault(Fault::status(429).with_retry_after("1"));
+    // A backlog far older than the retry window.
+    let old = Timestamp::now() - Duration::from_secs(3600);
+    store
+        .insert_jobs(numbered_jobs("t", "t", 5), old)
+        .await
+        .unwrap();
+    let settings = RouterSettings {
+        retry_time_window: Duration::from_secs(600),
+        ..fast()
+    };
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![(
+            "t",
+            "HTTP",
+            http_manager("t", json!({"url": s.url()})),
+            settings,
+        )],
+    )
+    .await;
+    let c = settle(&store, "t", LIMIT).await;
+    assert_eq!(
+        n(&c, JobState::Succeeded),
+        5,
+        "the window starts at the first try, not at creation: {:?}",
+        readable(&c)
+    );
+    assert_eq!(s.requests(), 2, "throttled once, then delivered");
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.db");
+    let first = Arc::new(Recording::default());
+    *first.behaviour.lock().unwrap() = Behaviour::ImportForever;
+    let settings = RouterSettings {
+        import_deadline: Duration::from_secs(2),
+        ..fast()
+    };
+    {
+        let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+        store
+            .insert_jobs(numbered_jobs("d", "x", 4), Timestamp::now())
+            .await
+            .unwrap();
+        let router = start(
+            store.clone(),
+            dir.path(),
+            vec![("d", "TEST", first.clone(), settings.clone())],
+        )
+        .await;
+        wait_for("an import in flight", LIMIT, || {
+            let store = store.clone();
+            async move { n(&counts(&store, "d").await, JobState::Importing) == 4 }
+        })
+        .await;
+        router.abort();
+    }
+    // Down past the deadline; meanwhile the destination finished the import.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let store: Arc<dyn JobStore> = {
+        let t0 = Instant::now();
+        loop {
+            match batchrouter_store::SqliteStore::open(&path).await {
+                Ok(s) => break Arc::new(s),
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let second = Arc::new(Recording::default());
+    *second.behaviour.lock().unwrap() = Behaviour::Import { polls: 1 };
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", second.clone(), settings)],
+    )
+    .await;
+    let c = settle(&store, "d", LIMIT).await;
+    assert_eq!(n(&c, JobState::Succeeded), 4, "{:?}", readable(&c));
+    assert_eq!(
+        second.uploads.load(Ordering::SeqCst),
+        0,
+        "polled to completion, not uploaded again"
+    );
+    assert_eq!(first.uploads.load(Ordering::SeqCst), 1);
     router.shutdown().await;
 }
 
@@ -491,33 +601,38 @@ async fn jobs_held_by_a_dead_owner_come_back_after_lease_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
     let m = Arc::new(Recording::default());
+    // An idle worker that only looks again in 30 s unless woken: the jobs
+    // below come back through lease expiry, whose reclaim wakes it.
+    let settings = RouterSettings {
+        min_idle_sleep: Duration::from_secs(30),
+        ..fast()
+    };
     let router = start(
         store.clone(),
         dir.path(),
-        vec![("d", "TEST", m.clone(), fast())],
+        vec![("d", "TEST", m.clone(), settings)],
     )
     .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // its first (empty) claim is done
     let now = Timestamp::now();
     store
         .insert_jobs(numbered_jobs("d", "x", 5), now)
         .await
         .unwrap();
-    // Another (dead) process grabs them first with a short lease.
-    let mut grabbed = Vec::new();
-    while grabbed.is_empty() {
-        grabbed = store
-            .claim_jobs(
-                "d",
-                "ghost",
-                5,
-                Timestamp::now(),
-                Timestamp::now() + Duration::from_millis(800),
-            )
-            .await
-            .unwrap();
-    }
+    // Another (dead) process grabs them with a short lease.
+    let grabbed = store
+        .claim_jobs(
+            "d",
+            "ghost",
+            5,
+            Timestamp::now(),
+            Timestamp::now() + Duration::from_millis(800),
+        )
+        .await
+        .unwrap();
+    assert_eq!(grabbed.len(), 5, "the idle worker did not claim them first");
     let t0 = Instant::now();
-    let c = settle(&store, "d", LIMIT).await;
+    let c = settle(&store, "d", Duration::from_secs(20)).await;
     assert_eq!(n(&c, JobState::Succeeded), 5);
     assert!(
         t0.elapsed() >= Duration::from_millis(600),

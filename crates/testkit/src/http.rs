@@ -34,6 +34,8 @@ pub struct Fault {
     pub drop_connection: bool,
     /// Body to send.
     pub body: String,
+    /// `Location` header (for redirects).
+    pub location: Option<String>,
 }
 
 impl Fault {
@@ -56,6 +58,15 @@ impl Fault {
     pub fn delayed(mut self, d: Duration) -> Self {
         self.delay = Some(d);
         self
+    }
+
+    /// Answer with a redirect to `location`.
+    pub fn redirect(status: u16, location: impl Into<String>) -> Self {
+        Fault {
+            status,
+            location: Some(location.into()),
+            ..Default::default()
+        }
     }
 
     /// Drop the connection without answering.
@@ -309,6 +320,9 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
             let mut resp = Response::builder().status(f.status);
             if let Some(ra) = &f.retry_after {
                 resp = resp.header("retry-after", ra);
+            }
+            if let Some(loc) = &f.location {
+                resp = resp.header("location", loc);
             }
             return Ok(resp
                 .header("content-type", "application/json")
