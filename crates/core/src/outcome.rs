@@ -105,6 +105,17 @@ impl UploadOutput {
         }
     }
 
+    /// Every job failed (retryable) for the same reason.
+    pub fn all_failed(job_ids: &[JobId], error: JobError) -> Self {
+        UploadOutput {
+            outcomes: job_ids
+                .iter()
+                .map(|&id| (id, Outcome::Failed(error.clone())))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     /// Every job gets the outcome of one classified error.
     pub fn all_from_error(job_ids: &[JobId], error: &DestinationError) -> Self {
         let outcome = Outcome::from_destination_error(error);

@@ -225,6 +225,20 @@ pub struct ImportFinish {
     pub now: Timestamp,
 }
 
+impl ImportFinish {
+    /// Succeeded, failed and aborted counts of the transitions, which every
+    /// store adds to the import's row.
+    pub fn outcome_counts(&self) -> (i64, i64, i64) {
+        self.transitions
+            .iter()
+            .fold((0, 0, 0), |(s, f, a), t| match t.to {
+                Transition::Succeeded { .. } => (s + 1, f, a),
+                Transition::Failed { .. } => (s, f + 1, a),
+                Transition::Aborted { .. } => (s, f, a + 1),
+            })
+    }
+}
+
 /// Retry bookkeeping of an importing job, to decide exhaustion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttemptInfo {

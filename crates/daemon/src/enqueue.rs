@@ -153,7 +153,13 @@ where
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)?;
+        // Validated already; parse again only to read the message id.
+        let message_id = match field {
+            Some(_) => {
+                message_id(&serde_json::from_str(&line)?, field).map_err(anyhow::Error::msg)?
+            }
+            None => None,
+        };
         // Room for the job envelope around the payload.
         let size = line.len() + destination.len() + 128;
         if !chunk.is_empty() && bytes + size > max_bytes {
@@ -166,7 +172,7 @@ where
         chunk.push(NewJob {
             destination_id: destination.to_string(),
             payload: line,
-            message_id: message_id(&v, field).map_err(anyhow::Error::msg)?,
+            message_id,
         });
         if chunk.len() == CHUNK {
             let (n, d) = f(std::mem::take(&mut chunk)).await?;

@@ -5,48 +5,19 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use batchrouter_core::AsyncDestinationManager;
 use batchrouter_testkit::klaviyo::{KlaviyoFault, KlaviyoStandIn, KlaviyoStandInOptions, Route};
+use batchrouter_testkit::logs::LogCapture;
 use common::*;
 use serde_json::json;
-use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::fmt::MakeWriter;
 
 const KEY: &str = "pk_SECRET_d0ntLogMe_7f3a9c";
 const WRONG_KEY: &str = "pk_WRONG_alsoSecret_51b2e0";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_key_is_never_logged() {
-    let capture = Capture::default();
-    tracing_subscriber::fmt()
-        .with_writer(capture.clone())
-        .with_max_level(LevelFilter::TRACE)
-        .with_ansi(false)
-        .try_init()
-        .expect("the only subscriber of this test binary");
+    // Global (every thread) and the `log` crate too (reqwest).
+    let capture = LogCapture::install_global(tracing::Level::TRACE);
 
     let standin = KlaviyoStandIn::start_with(KlaviyoStandInOptions {
         api_key: KEY.into(),
@@ -87,7 +58,7 @@ async fn the_api_key_is_never_logged() {
     // Config problems and Debug output stay redacted too.
     tracing::info!(manager = ?wrong, "manager built");
 
-    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let text = capture.text();
     for needle in [
         "klaviyo upload",
         "klaviyo poll",

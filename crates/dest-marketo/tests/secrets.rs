@@ -6,45 +6,15 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
+use batchrouter_testkit::logs::LogCapture;
 use batchrouter_testkit::marketo::{Endpoint, MarketoFault, MarketoStandIn};
 use common::*;
 use serde_json::json;
-use tracing_subscriber::filter::LevelFilter;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_or_reasons() {
-    let capture = Capture::default();
-    // Global (every thread) and, through tracing-log, the `log` crate too.
-    tracing_subscriber::fmt()
-        .with_writer(capture.clone())
-        .with_max_level(LevelFilter::TRACE)
-        .with_ansi(false)
-        .try_init()
-        .expect("the only subscriber of this test binary");
+    // Global (every thread) and the `log` crate too (reqwest).
+    let capture = LogCapture::install_global(tracing::Level::TRACE);
 
     let standin = MarketoStandIn::start().await;
     standin.fail_rows_matching("bad", "1004 Lead not found");
@@ -72,7 +42,7 @@ async fn secrets_never_reach_logs_or_reasons() {
         .await
         .unwrap();
 
-    let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let text = capture.text();
     for needle in [
         "uploaded batch to Marketo",
         "refreshing it once",

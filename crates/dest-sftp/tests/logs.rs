@@ -3,57 +3,20 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use batchrouter_core::{Outcome, Timestamp, Uploader};
+use batchrouter_testkit::logs::LogCapture;
 use batchrouter_testkit::sshd::Sshd;
 use common::{key_config, stage, uploader};
 use serde_json::json;
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
-fn subscriber(out: &Captured) -> impl tracing::Subscriber + Send + Sync {
-    tracing_subscriber::fmt()
-        .with_writer(out.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish()
-}
 
 #[test]
 fn insecure_mode_warns_at_build() {
-    let out = Captured::default();
+    let out = LogCapture::default();
     let cfg = json!({
         "host": "127.0.0.1", "username": "u", "authMethod": "passwordAuth", "password": "hunter2-secret",
         "fileFormat": "csv", "filePath": "{batchID}.csv", "insecureSkipHostKeyCheck": true,
     });
-    tracing::subscriber::with_default(subscriber(&out), || {
+    tracing::subscriber::with_default(out.subscriber(tracing::Level::DEBUG), || {
         let _ = uploader(&cfg);
     });
     let text = out.text();
@@ -62,11 +25,11 @@ fn insecure_mode_warns_at_build() {
     assert!(!text.contains("hunter2-secret"));
 
     // A verified config logs nothing at build.
-    let out = Captured::default();
+    let out = LogCapture::default();
     let mut cfg = cfg;
     cfg["insecureSkipHostKeyCheck"] = json!(false);
     cfg["hostKeyFingerprint"] = json!("SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU");
-    tracing::subscriber::with_default(subscriber(&out), || {
+    tracing::subscriber::with_default(out.subscriber(tracing::Level::DEBUG), || {
         let _ = uploader(&cfg);
     });
     assert_eq!(out.text(), "");
@@ -77,8 +40,8 @@ async fn rejections_are_loud_and_secrets_never_logged() {
     let Some(sshd) = Sshd::start_or_skip("rejections_are_loud_and_secrets_never_logged") else {
         return;
     };
-    let out = Captured::default();
-    let _guard = tracing::subscriber::set_default(subscriber(&out));
+    let out = LogCapture::default();
+    let _guard = tracing::subscriber::set_default(out.subscriber(tracing::Level::DEBUG));
     let dir = sshd.upload_root().join("logs");
     let local = tempfile::tempdir().unwrap();
     let payloads = || vec![r#"{"id":"u1"}"#.to_string()];

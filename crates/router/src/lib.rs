@@ -206,11 +206,17 @@ impl RouterBuilder {
             self.options.job_retention,
             self.options.maintenance_interval,
         ));
+        let handle = RouterHandle {
+            shared: shared.clone(),
+            dests: dests.clone(),
+            tasks: Arc::new(tasks.iter().map(|t| t.abort_handle()).collect()),
+        };
         Ok(Router {
             shared,
             dests,
             tasks,
             maintenance,
+            handle,
         })
     }
 }
@@ -221,6 +227,7 @@ pub struct Router {
     dests: BTreeMap<String, Arc<Destination>>,
     tasks: Vec<JoinHandle<()>>,
     maintenance: JoinHandle<()>,
+    handle: RouterHandle,
 }
 
 /// A cheap, cloneable view of a running router for the API: wake workers
@@ -256,21 +263,17 @@ pub struct ShutdownReport {
 impl Router {
     /// Wakes a destination's worker (new jobs were just inserted).
     pub fn wake(&self, destination_id: &str) {
-        self.handle().wake(destination_id)
+        self.handle.wake(destination_id)
     }
 
     /// Whether every worker and poll loop is still running.
     pub fn healthy(&self) -> bool {
-        self.handle().healthy()
+        self.handle.healthy()
     }
 
     /// A cloneable handle for wake-ups and health checks.
     pub fn handle(&self) -> RouterHandle {
-        RouterHandle {
-            shared: self.shared.clone(),
-            dests: self.dests.clone(),
-            tasks: Arc::new(self.tasks.iter().map(|t| t.abort_handle()).collect()),
-        }
+        self.handle.clone()
     }
 
     /// The lease owner name of this router.

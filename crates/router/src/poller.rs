@@ -139,21 +139,19 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
                 poll_errors: imp.poll_errors,
             }
             .emit(&dest.events);
-            let now = Timestamp::now();
-            let jitter = fastrand::f64();
-            let transitions = infos
-                .iter()
-                .map(|j| JobTransition {
-                    job_id: j.job_id,
-                    to: if retryable {
-                        retry::after_failure(s, j, error.clone(), now, None, jitter)
-                    } else {
-                        Transition::Aborted {
+            let transitions = if retryable {
+                retry_all(s, &infos, &error)
+            } else {
+                infos
+                    .iter()
+                    .map(|j| JobTransition {
+                        job_id: j.job_id,
+                        to: Transition::Aborted {
                             error: error.clone(),
-                        }
-                    },
-                })
-                .collect();
+                        },
+                    })
+                    .collect()
+            };
             finish(
                 dest,
                 shared,
@@ -196,6 +194,24 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
     }
 }
 
+/// Every job of a failed import back to `failed` (or `aborted` when its
+/// budget is spent), with one jitter so the batch comes due together.
+fn retry_all(
+    s: &crate::RouterSettings,
+    infos: &[AttemptInfo],
+    error: &JobError,
+) -> Vec<JobTransition> {
+    let now = Timestamp::now();
+    let jitter = fastrand::f64();
+    infos
+        .iter()
+        .map(|j| JobTransition {
+            job_id: j.job_id,
+            to: retry::after_failure(s, j, error.clone(), now, None, jitter),
+        })
+        .collect()
+}
+
 async fn deadline_passed(
     dest: &Destination,
     shared: &Shared,
@@ -203,7 +219,6 @@ async fn deadline_passed(
     infos: &[AttemptInfo],
 ) {
     let s = &dest.settings;
-    let now = Timestamp::now();
     let error = JobError::new(
         ErrorCode::DeadlineExceeded,
         format!(
@@ -212,14 +227,7 @@ async fn deadline_passed(
             crate::settings::fmt_duration(s.import_deadline)
         ),
     );
-    let jitter = fastrand::f64();
-    let transitions = infos
-        .iter()
-        .map(|j| JobTransition {
-            job_id: j.job_id,
-            to: retry::after_failure(s, j, error.clone(), now, None, jitter),
-        })
-        .collect();
+    let transitions = retry_all(s, infos, &error);
     PollFinished {
         import_id: imp.id,
         result: PollResult::DeadlineExceeded,

@@ -464,24 +464,16 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
     let now = Timestamp::now();
     let (output, forced) = match result {
         Err(_) => (
-            UploadOutput {
-                outcomes: ids
-                    .iter()
-                    .map(|&id| {
-                        (
-                            id,
-                            Outcome::Failed(JobError::new(
-                                ErrorCode::DeadlineExceeded,
-                                format!(
-                                    "upload did not finish within asyncUploadTimeout ({})",
-                                    crate::settings::fmt_duration(s.upload_timeout)
-                                ),
-                            )),
-                        )
-                    })
-                    .collect(),
-                ..Default::default()
-            },
+            UploadOutput::all_failed(
+                &ids,
+                JobError::new(
+                    ErrorCode::DeadlineExceeded,
+                    format!(
+                        "upload did not finish within asyncUploadTimeout ({})",
+                        crate::settings::fmt_duration(s.upload_timeout)
+                    ),
+                ),
+            ),
             Some(UploadResult::Timeout),
         ),
         Ok(out) => match validate_upload_output(&ids, &out) {
@@ -489,21 +481,10 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
             Err(violation) => {
                 tracing::error!(destination_id = %dest.id, batch_id = %batch.batch_id, %violation, "Manager output rejected.");
                 (
-                    UploadOutput {
-                        outcomes: ids
-                            .iter()
-                            .map(|&id| {
-                                (
-                                    id,
-                                    Outcome::Failed(JobError::new(
-                                        ErrorCode::InvalidOutput,
-                                        violation.to_string(),
-                                    )),
-                                )
-                            })
-                            .collect(),
-                        ..Default::default()
-                    },
+                    UploadOutput::all_failed(
+                        &ids,
+                        JobError::new(ErrorCode::InvalidOutput, violation.to_string()),
+                    ),
                     Some(UploadResult::InvalidOutput),
                 )
             }

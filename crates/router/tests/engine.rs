@@ -320,18 +320,7 @@ async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up()
     }
     // Down past the deadline; meanwhile the destination finished the import.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let store: Arc<dyn JobStore> = {
-        let t0 = Instant::now();
-        loop {
-            match batchrouter_store::SqliteStore::open(&path).await {
-                Ok(s) => break Arc::new(s),
-                Err(_) if t0.elapsed() < Duration::from_secs(10) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
+    let store: Arc<dyn JobStore> = reopen(&path).await;
     let second = Arc::new(Recording::default());
     *second.behaviour.lock().unwrap() = Behaviour::Import { polls: 1 };
     let router = start(
@@ -547,20 +536,8 @@ async fn restart_resumes_polling_without_uploading_again() {
     assert_eq!(first.uploads.load(Ordering::SeqCst), 1);
     let imported: Vec<i64> = first.batches.lock().unwrap()[0].clone();
 
-    // The crashed process's lock is gone once its tasks are: reopen.
-    let store: Arc<dyn JobStore> = {
-        let start = Instant::now();
-        loop {
-            match batchrouter_store::SqliteStore::open(&path).await {
-                Ok(s) => break Arc::new(s),
-                Err(e) if start.elapsed() < Duration::from_secs(10) => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("reopen failed: {e}"),
-            }
-        }
-    };
+    // The crashed router's lock is gone once its tasks are: reopen.
+    let store: Arc<dyn JobStore> = reopen(&path).await;
     let second = Arc::new(Recording::default());
     *second.behaviour.lock().unwrap() = Behaviour::Import { polls: 1 };
     let router = start(

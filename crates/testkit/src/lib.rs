@@ -8,6 +8,7 @@
 pub mod http;
 pub mod jobs;
 pub mod klaviyo;
+pub mod logs;
 pub mod marketo;
 pub mod measure;
 pub mod postgres;

@@ -39,6 +39,21 @@ pub async fn sqlite(dir: &Path) -> Arc<SqliteStore> {
     Arc::new(SqliteStore::open(dir.join("jobs.db")).await.unwrap())
 }
 
+/// Reopens a store whose previous owner was aborted: its lock goes away
+/// once the aborted tasks have dropped it.
+pub async fn reopen(path: &Path) -> Arc<SqliteStore> {
+    let start = Instant::now();
+    loop {
+        match SqliteStore::open(path).await {
+            Ok(s) => return Arc::new(s),
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("reopen failed: {e}"),
+        }
+    }
+}
+
 pub fn options(dir: &Path) -> RouterOptions {
     RouterOptions {
         staging_dir: dir.join("staging"),

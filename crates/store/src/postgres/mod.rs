@@ -485,7 +485,7 @@ impl PostgresStore {
         f: &ImportFinish,
         arrays: &TransitionArrays,
     ) -> Result<CommitReport, sqlx::Error> {
-        let (s, fl, a) = rows::count_outcomes(&f.transitions);
+        let (s, fl, a) = f.outcome_counts();
         let (code, message) = match &f.error {
             Some(e) => (Some(e.code.as_str()), Some(rows::storable(&e.message))),
             None => (None, None),

@@ -182,14 +182,3 @@ pub fn storable(s: &str) -> String {
 fn storable_opt(s: &Option<String>) -> Option<String> {
     s.as_deref().map(storable)
 }
-
-/// Succeeded, failed and aborted counts of an import's transitions.
-pub fn count_outcomes(transitions: &[JobTransition]) -> (i64, i64, i64) {
-    transitions
-        .iter()
-        .fold((0, 0, 0), |(s, f, a), t| match t.to {
-            Transition::Succeeded { .. } => (s + 1, f, a),
-            Transition::Failed { .. } => (s, f + 1, a),
-            Transition::Aborted { .. } => (s, f, a + 1),
-        })
-}

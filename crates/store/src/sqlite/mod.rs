@@ -468,16 +468,6 @@ fn row_to_import(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ImportRecord,
     }))
 }
 
-fn count_import_outcomes(transitions: &[JobTransition]) -> (i64, i64, i64) {
-    transitions
-        .iter()
-        .fold((0, 0, 0), |(s, f, a), t| match t.to {
-            Transition::Succeeded { .. } => (s + 1, f, a),
-            Transition::Failed { .. } => (s, f + 1, a),
-            Transition::Aborted { .. } => (s, f, a + 1),
-        })
-}
-
 #[async_trait]
 impl JobStore for SqliteStore {
     async fn insert_jobs(
@@ -900,7 +890,7 @@ impl JobStore for SqliteStore {
     async fn finish_import(&self, f: ImportFinish) -> Result<CommitReport, StoreError> {
         self.write(move |conn| {
             let tx = immediate(conn)?;
-            let (s, fl, a) = count_import_outcomes(&f.transitions);
+            let (s, fl, a) = f.outcome_counts();
             let (code, message) = match &f.error {
                 Some(e) => (Some(e.code.as_str()), Some(e.message.clone())),
                 None => (None, None),
