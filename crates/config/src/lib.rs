@@ -1,7 +1,9 @@
 //! batchrouterd's configuration: one file (TOML; YAML and JSON by
 //! extension), `${NAME}` substitution from the environment, and environment
 //! overrides for router tunables using both the literal dotted key and
-//! RudderStack's variable names, so existing deployments carry over.
+//! RudderStack's variable names. RudderStack's `BatchRouter.*` keys keep
+//! their RudderStack meaning here or are ignored with a startup warning
+//! (docs/configuration.md has the table).
 //!
 //! Router key precedence, highest first: the destination's own `router`
 //! table; `BatchRouter.<TYPE>.<key>` (environment, then file);
@@ -13,6 +15,7 @@
 pub mod env;
 mod print;
 mod source;
+mod toml_text;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -21,9 +24,10 @@ use std::sync::Arc;
 
 use batchrouter_core::destination::did_you_mean;
 use batchrouter_core::lookup::{parse_bytes, KeyLookup};
+use batchrouter_core::secret::redact_urls_in;
 use batchrouter_core::{DestinationContext, NoopTelemetry, Secret};
 use batchrouter_router::factory;
-use batchrouter_router::settings::{RouterSettings, KEYS};
+use batchrouter_router::settings::{self, IgnoredSetting, RouterSettings};
 use serde_json::{Map, Value};
 
 pub use config::FileFormat;
@@ -54,6 +58,16 @@ pub struct ServerConfig {
     pub auth_token: Option<Secret>,
     /// Largest request body accepted.
     pub max_body_bytes: u64,
+    /// Longest wait for a request's headers, counted from when the connection
+    /// starts waiting for a request (so idle keep-alive connections close too).
+    pub header_read_timeout: std::time::Duration,
+    /// Longest wait for a whole request body once its headers arrived.
+    pub body_read_timeout: std::time::Duration,
+    /// A connection with no request running and nothing read or written for
+    /// this long is closed (slow readers, stalled clients).
+    pub idle_timeout: std::time::Duration,
+    /// Most connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 /// `[store]`: where jobs live.
@@ -127,6 +141,9 @@ pub struct LoadedConfig {
     pub global: RouterSettings,
     /// Where router keys are looked up.
     pub source: Arc<FileAndEnv>,
+    /// RudderStack keys that are set but have no effect here; the daemon
+    /// logs a warning naming each at startup.
+    pub ignored: Vec<IgnoredSetting>,
 }
 
 impl std::fmt::Debug for LoadedConfig {
@@ -155,7 +172,15 @@ impl LoadedConfig {
 }
 
 const TOP_KEYS: &[&str] = &["server", "store", "logging", "BatchRouter", "destinations"];
-const SERVER_KEYS: &[&str] = &["listen", "authToken", "maxBodyBytes"];
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "authToken",
+    "maxBodyBytes",
+    "headerReadTimeout",
+    "bodyReadTimeout",
+    "idleTimeout",
+    "maxConnections",
+];
 const STORE_KEYS: &[&str] = &["url", "stagingDir"];
 const LOGGING_KEYS: &[&str] = &["format", "level"];
 const DESTINATION_KEYS: &[&str] = &["id", "type", "enabled", "config", "router"];
@@ -189,18 +214,46 @@ pub fn load(path: &Path, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigErrors
     Ok(cfg)
 }
 
-/// Loads and validates config text in a given format.
+/// Loads and validates config text in a given format. Every problem names
+/// its key; URLs quoted in problems have their secrets masked.
 pub fn load_str(
     text: &str,
     format: config::FileFormat,
     env: Arc<dyn Env>,
 ) -> Result<LoadedConfig, ConfigErrors> {
-    let raw: Value = config::Config::builder()
-        .add_source(config::File::from_str(text, format))
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigErrors(vec![format!("cannot parse config: {e}")]))?;
-    from_value(raw, env)
+    load_unredacted(text, format, env).map_err(|ConfigErrors(problems)| {
+        // Problems quote values (a destination's `baseUrl`, a store URL);
+        // check-config prints them and `run` logs them.
+        ConfigErrors(problems.iter().map(|p| redact_urls_in(p)).collect())
+    })
+}
+
+fn load_unredacted(
+    text: &str,
+    format: config::FileFormat,
+    env: Arc<dyn Env>,
+) -> Result<LoadedConfig, ConfigErrors> {
+    // TOML is read here rather than by the generic loader, whose number
+    // errors name no key ("number too large to fit in target type").
+    let (raw, mut problems) = match format {
+        config::FileFormat::Toml => toml_text::parse(text).map_err(|e| ConfigErrors(vec![e]))?,
+        _ => (
+            config::Config::builder()
+                .add_source(config::File::from_str(text, format))
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .map_err(|e| ConfigErrors(vec![format!("cannot parse config: {e}")]))?,
+            Vec::new(),
+        ),
+    };
+    match from_value(raw, env) {
+        Ok(cfg) if problems.is_empty() => Ok(cfg),
+        Ok(_) => Err(ConfigErrors(problems)),
+        Err(ConfigErrors(more)) => {
+            problems.extend(more);
+            Err(ConfigErrors(problems))
+        }
+    }
 }
 
 fn table<'a>(
@@ -285,6 +338,17 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
     let auth_token = string_field(server_t, "server", "authToken", &mut problems)
         .filter(|t| !t.is_empty())
         .map(Secret::new);
+    // HTTP drops whitespace around header values (RFC 9110 5.5), so such a
+    // token could never match a request: say so instead of locking out.
+    if auth_token
+        .as_ref()
+        .is_some_and(|t| t.expose().trim() != t.expose())
+    {
+        problems.push(
+            "server.authToken starts or ends with whitespace, which HTTP drops from the Authorization header; no request could match it"
+                .into(),
+        );
+    }
     let max_body_bytes = match server_t.get("maxBodyBytes").map(scalar) {
         None => 16 << 20,
         Some(Some(v)) => parse_bytes(&v).unwrap_or_else(|e| {
@@ -294,6 +358,51 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         Some(None) => {
             problems.push("server.maxBodyBytes must be a size like \"16MiB\"".into());
             16 << 20
+        }
+    };
+    let server_duration = |key: &str, default: u64, problems: &mut Vec<String>| {
+        let default = std::time::Duration::from_secs(default);
+        match server_t.get(key).map(scalar) {
+            None => default,
+            Some(Some(v)) => {
+                batchrouter_core::lookup::parse_duration(&v, std::time::Duration::from_secs(1))
+                    .and_then(|d| {
+                        if d.is_zero() {
+                            Err("must be more than zero".into())
+                        } else {
+                            Ok(d)
+                        }
+                    })
+                    .unwrap_or_else(|e| {
+                        problems.push(format!("server.{key}: {e}"));
+                        default
+                    })
+            }
+            Some(None) => {
+                problems.push(format!("server.{key} must be a duration like \"10s\""));
+                default
+            }
+        }
+    };
+    let header_read_timeout = server_duration("headerReadTimeout", 10, &mut problems);
+    let body_read_timeout = server_duration("bodyReadTimeout", 30, &mut problems);
+    let idle_timeout = server_duration("idleTimeout", 60, &mut problems);
+    let max_connections = match server_t.get("maxConnections").map(scalar) {
+        None => 1024,
+        Some(Some(v)) => match batchrouter_core::lookup::parse_count(&v) {
+            Ok(n) if (1..=1_000_000).contains(&n) => n as usize,
+            Ok(_) => {
+                problems.push("server.maxConnections must be 1 to 1000000".into());
+                1024
+            }
+            Err(e) => {
+                problems.push(format!("server.maxConnections: {e}"));
+                1024
+            }
+        },
+        Some(None) => {
+            problems.push("server.maxConnections must be a number".into());
+            1024
         }
     };
 
@@ -325,7 +434,7 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
 
     // [BatchRouter]
     let known_types = factory::known_types();
-    let key_names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    let key_names = settings::accepted_names();
     let mut file_keys = BTreeMap::new();
     if let Some(br) = table(root, "BatchRouter", &mut problems) {
         flatten_router(br, &known_types, &key_names, &mut file_keys, &mut problems);
@@ -356,6 +465,10 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         }
         Some(_) => problems.push("destinations must be a list of [[destinations]] tables".into()),
     }
+    let mut ignored = settings::ignored_in(source.as_ref(), &known_types);
+    for d in &destinations {
+        ignored.extend(settings::ignored_in_router_table(&d.id, &d.router));
+    }
     let no_overrides = BTreeMap::new();
     let global = RouterSettings::resolve(&KeyLookup::new(source.as_ref(), "", &no_overrides))
         .unwrap_or_else(|e| {
@@ -374,6 +487,10 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
             listen,
             auth_token,
             max_body_bytes,
+            header_read_timeout,
+            body_read_timeout,
+            idle_timeout,
+            max_connections,
         },
         store: StoreConfig {
             url: Secret::new(url),
@@ -383,6 +500,7 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         destinations,
         global,
         source,
+        ignored,
     })
 }
 
@@ -395,6 +513,9 @@ fn flatten_router(
 ) {
     for (k, v) in br {
         match v {
+            Value::Object(_) if settings::is_ignored_prefix(k) => {
+                ignored_table("BatchRouter", k, v, key_names, out, problems)
+            }
             Value::Object(per_type) => {
                 if !known_types.contains(&k.as_str()) {
                     let hint = did_you_mean(k, known_types)
@@ -404,6 +525,11 @@ fn flatten_router(
                     continue;
                 }
                 for (k2, v2) in per_type {
+                    if v2.is_object() && settings::is_ignored_prefix(k2) {
+                        let prefix = format!("BatchRouter.{k}");
+                        ignored_table(&prefix, k2, v2, key_names, out, problems);
+                        continue;
+                    }
                     router_key(
                         &format!("BatchRouter.{k}"),
                         k2,
@@ -419,6 +545,26 @@ fn flatten_router(
     }
 }
 
+/// A table of dotted RudderStack keys we ignore (`[BatchRouter.Limiter.read]`):
+/// each leaf is kept under its dotted name so the startup warning names it.
+fn ignored_table(
+    prefix: &str,
+    name: &str,
+    v: &Value,
+    key_names: &[&str],
+    out: &mut BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                ignored_table(prefix, &format!("{name}.{k}"), v, key_names, out, problems);
+            }
+        }
+        _ => router_key(prefix, name, v, key_names, out, problems),
+    }
+}
+
 fn router_key(
     prefix: &str,
     key: &str,
@@ -427,7 +573,8 @@ fn router_key(
     out: &mut BTreeMap<String, String>,
     problems: &mut Vec<String>,
 ) {
-    if !key_names.contains(&key) {
+    // RudderStack keys we do not use are accepted (and warned about).
+    if !key_names.contains(&key) && settings::ignored_key(key).is_none() {
         let hint = did_you_mean(key, key_names)
             .map(|s| format!(" (did you mean `{s}`?)"))
             .unwrap_or_default();

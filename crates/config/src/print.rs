@@ -5,40 +5,38 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use batchrouter_core::lookup::KeyLookup;
-use batchrouter_core::secret::{is_secret_key, redact_url, REDACTED};
+use batchrouter_core::secret::{is_secret_key, redact_urls_in, REDACTED};
 use serde_json::Value;
 
 use crate::{LoadedConfig, LogFormat};
 
-/// Replaces every value whose key names a secret, at any depth.
+/// Replaces every value whose key names a secret, at any depth, masks
+/// header values, and masks the secrets of every URL in any string (arrays
+/// included): userinfo and query values.
 pub fn redact(value: &Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| {
-                    let v = if is_secret_key(k) && !v.is_object() && !v.is_array() {
-                        Value::String(REDACTED.into())
-                    } else if let Value::String(text) = v {
-                        // URLs may carry a password or a token in the query.
-                        Value::String(redact_url(text))
-                    } else if k.eq_ignore_ascii_case("headers") {
-                        // Header values usually carry credentials.
-                        match v {
-                            Value::Object(h) => Value::Object(
-                                h.keys()
-                                    .map(|hk| (hk.clone(), Value::String(REDACTED.into())))
-                                    .collect(),
-                            ),
-                            other => redact(other),
+                    let v = match v {
+                        _ if is_secret_key(k) && !v.is_object() && !v.is_array() => {
+                            Value::String(REDACTED.into())
                         }
-                    } else {
-                        redact(v)
+                        // Header values usually carry credentials.
+                        Value::Object(h) if k.eq_ignore_ascii_case("headers") => Value::Object(
+                            h.keys()
+                                .map(|hk| (hk.clone(), Value::String(REDACTED.into())))
+                                .collect(),
+                        ),
+                        other => redact(other),
                     };
                     (k.clone(), v)
                 })
                 .collect(),
         ),
         Value::Array(items) => Value::Array(items.iter().map(redact).collect()),
+        // URLs may carry a password or a token in the query.
+        Value::String(text) => Value::String(redact_urls_in(text)),
         other => other.clone(),
     }
 }
@@ -65,6 +63,14 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
         }
     );
     let _ = writeln!(out, "maxBodyBytes = {}", cfg.server.max_body_bytes);
+    for (key, d) in [
+        ("headerReadTimeout", cfg.server.header_read_timeout),
+        ("bodyReadTimeout", cfg.server.body_read_timeout),
+        ("idleTimeout", cfg.server.idle_timeout),
+    ] {
+        let _ = writeln!(out, "{key} = \"{}ms\"", d.as_millis());
+    }
+    let _ = writeln!(out, "maxConnections = {}", cfg.server.max_connections);
     let _ = writeln!(out, "\n[store]");
     let _ = writeln!(out, "url = \"{}\"", cfg.store.redacted_url());
     let _ = writeln!(out, "stagingDir = \"{}\"", cfg.store.staging_dir.display());
@@ -83,10 +89,8 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
     let _ = writeln!(out, "[BatchRouter]");
     let global = KeyLookup::new(cfg.source.as_ref(), "", &none);
     for (key, value) in cfg.global.describe() {
-        let origin = global
-            .raw(key)
-            .map(|(_, o)| o)
-            .unwrap_or_else(|| "default".into());
+        let origin =
+            batchrouter_router::settings::origin(&global, key).unwrap_or_else(|| "default".into());
         let _ = writeln!(out, "{key} = \"{value}\"  # {origin}");
     }
     for d in &cfg.destinations {
@@ -104,12 +108,37 @@ pub fn render_effective(cfg: &LoadedConfig) -> String {
         let _ = writeln!(out, "[destinations.router]");
         let lookup = KeyLookup::new(cfg.source.as_ref(), &d.kind, &d.router);
         for (key, value) in d.settings.describe() {
-            let origin = lookup
-                .raw(key)
-                .map(|(_, o)| o)
+            let origin = batchrouter_router::settings::origin(&lookup, key)
                 .unwrap_or_else(|| "default".into());
             let _ = writeln!(out, "{key} = \"{value}\"  # {origin}");
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn urls_are_masked_at_any_depth_arrays_included() {
+        let v = json!({
+            "baseUrl": "https://a.test/api?key=SECRET_1",
+            "mirrors": ["https://u:SECRET_2@b.test/x", {"url": "https://c.test/?t=SECRET_3"}],
+            "note": "see https://d.test/?sig=SECRET_4 for details",
+            "headers": {"X-Custom": "SECRET_5"},
+            "clientSecret": "SECRET_6",
+            "host": "sftp.test",
+            "port": 22
+        });
+        let out = redact(&v);
+        assert!(!out.to_string().contains("SECRET"), "{out}");
+        assert_eq!(out["baseUrl"], "https://a.test/api?key=***");
+        assert_eq!(out["mirrors"][0], "https://u:***@b.test/x");
+        assert_eq!(out["mirrors"][1]["url"], "https://c.test/?t=***");
+        assert_eq!(out["note"], "see https://d.test/?sig=*** for details");
+        assert_eq!(out["host"], "sftp.test");
+        assert_eq!(out["port"], 22);
+    }
 }

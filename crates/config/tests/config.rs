@@ -202,7 +202,10 @@ fn defaults_apply_when_sections_are_missing() {
     assert!(c.server.auth_token.is_none());
     assert_eq!(c.store.url.expose(), "sqlite://./data/batchrouter.db");
     assert_eq!(c.logging.format, LogFormat::Text);
-    assert_eq!(c.global.job_retention, Duration::from_secs(7 * 86400));
+    assert_eq!(
+        c.global.finished_job_retention,
+        Duration::from_secs(7 * 86400)
+    );
     assert!(c.destinations.is_empty());
 }
 
@@ -283,4 +286,112 @@ fn the_example_config_documents_a_valid_configuration() {
             key.name
         );
     }
+}
+
+/// The problems as one text, checked never to carry a keyless parser error.
+fn problems_of(text: &str, format: FileFormat, vars: &[(&str, &str)]) -> String {
+    let err = load_str(text, format, env(vars)).unwrap_err();
+    let all = err.0.join("\n");
+    assert!(
+        !all.contains("cannot parse config: number too large"),
+        "keyless: {all}"
+    );
+    all
+}
+
+#[test]
+fn out_of_range_numbers_in_the_file_name_their_key() {
+    let toml = "[BatchRouter]\nmaxRetries = 2\nmaxEventsInABatch = 99999999999999999999999\nuploadFreq = \"99999999999999999999s\"\n";
+    let all = problems_of(toml, FileFormat::Toml, &[]);
+    assert!(
+        all.contains(
+            "BatchRouter.maxEventsInABatch (line 3): 99999999999999999999999 is out of range"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("uploadFreq"), "{all}");
+    assert!(all.contains("too large a duration"), "{all}");
+    assert_eq!(all.lines().count(), 2, "every problem, each once: {all}");
+
+    let yaml = "BatchRouter:\n  maxEventsInABatch: 99999999999999999999999\n";
+    let all = problems_of(yaml, FileFormat::Yaml, &[]);
+    assert!(all.contains("maxEventsInABatch"), "{all}");
+    let json = r#"{"BatchRouter": {"maxEventsInABatch": 99999999999999999999999}}"#;
+    let all = problems_of(json, FileFormat::Json, &[]);
+    assert!(all.contains("maxEventsInABatch"), "{all}");
+
+    // Destination tables and the server section too.
+    let toml = "[server]\nmaxBodyBytes = 99999999999999999999\n[[destinations]]\nid = \"web\"\ntype = \"HTTP\"\n[destinations.config]\nurl = \"http://127.0.0.1:1/x\"\nmaxInFlight = 99999999999999999999\n";
+    let all = problems_of(toml, FileFormat::Toml, &[]);
+    assert!(all.contains("server.maxBodyBytes (line 2)"), "{all}");
+    assert!(
+        all.contains("destinations[0].config.maxInFlight (line 8)"),
+        "{all}"
+    );
+}
+
+#[test]
+fn out_of_range_values_from_the_environment_name_their_key() {
+    for (var, key) in [
+        (
+            "RSERVER_BATCH_ROUTER_MAX_EVENTS_IN_ABATCH",
+            "maxEventsInABatch",
+        ),
+        ("RSERVER_BATCH_ROUTER_HTTP_UPLOAD_FREQ", "uploadFreq"),
+        ("BatchRouter.leaseTimeout", "leaseTimeout"),
+        ("RSERVER_BATCH_ROUTER_MAX_UPLOAD_LIMIT", "MaxUploadLimit"),
+    ] {
+        for value in ["99999999999999999999999", "99999999999999999999s"] {
+            let all = problems_of(BASE, FileFormat::Toml, &[(var, value)]);
+            assert!(all.contains(key), "{var}={value}: {all}");
+            assert!(
+                all.contains(&format!("environment variable {var}")),
+                "{var}={value}: {all}"
+            );
+        }
+    }
+}
+
+#[test]
+fn urls_in_problems_and_output_keep_no_secrets() {
+    // A Klaviyo baseUrl with its key in the query is refused; the problem
+    // names the key but not the secret.
+    let text = r#"
+[[destinations]]
+id = "kl"
+type = "KLAVIYO_BULK_UPLOAD"
+[destinations.config]
+privateApiKey = "pk_SECRET_1"
+baseUrl = "https://a.klaviyo.test/api?key=pk_SECRET_2&x=1"
+"#;
+    let all = problems_of(text, FileFormat::Toml, &[]);
+    assert!(all.contains("baseUrl"), "{all}");
+    assert!(!all.contains("SECRET"), "{all}");
+    assert!(
+        all.contains("https://a.klaviyo.test/api?key=***&x=***"),
+        "{all}"
+    );
+
+    // What check-config prints keeps query keys and masks their values.
+    let text = r#"
+[store]
+url = "postgres://br:SECRET_3@127.0.0.1:5432/br?sslmode=disable&password=SECRET_4"
+[[destinations]]
+id = "web"
+type = "HTTP"
+[destinations.config]
+url = "https://hooks.test/in?key=SECRET_5&team=SECRET_6#SECRET_7"
+"#;
+    let c = load_str(text, FileFormat::Toml, env(&[])).unwrap();
+    let out = render_effective(&c);
+    assert!(!out.contains("SECRET"), "{out}");
+    assert!(
+        out.contains("url = \"https://hooks.test/in?key=***&team=***#***\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("postgres://br:***@127.0.0.1:5432/br?sslmode=***&password=***"),
+        "{out}"
+    );
+    assert!(!format!("{c:?}").contains("SECRET"));
 }

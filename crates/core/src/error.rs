@@ -25,8 +25,13 @@ pub enum ErrorCode {
     ImportFailed,
     /// An upload or import took longer than its configured deadline.
     DeadlineExceeded,
-    /// `maxRetries` or `retryTimeWindow` ran out; the last reason is kept.
+    /// `maxRetries` and `retryTimeWindow` both ran out; the last reason is kept.
     RetriesExhausted,
+    /// The import completed but its per-record results could not be read
+    /// before `asyncImportDeadline`; not re-uploaded, re-drivable.
+    ResultsUnavailable,
+    /// Waited longer than `jobRetention` without being delivered (unknown destination, or a backlog that never drained).
+    Expired,
     /// The manager's output broke the contract (lost or duplicated a job): a bug.
     InvalidOutput,
     /// The destination could not be set up (bad config, init failure).
@@ -37,7 +42,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::TransformFailed,
         ErrorCode::DestinationRejected,
         ErrorCode::RecordRejected,
@@ -46,6 +51,8 @@ impl ErrorCode {
         ErrorCode::ImportFailed,
         ErrorCode::DeadlineExceeded,
         ErrorCode::RetriesExhausted,
+        ErrorCode::ResultsUnavailable,
+        ErrorCode::Expired,
         ErrorCode::InvalidOutput,
         ErrorCode::DestinationMisconfigured,
         ErrorCode::Internal,
@@ -62,6 +69,8 @@ impl ErrorCode {
             ErrorCode::ImportFailed => "import_failed",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::RetriesExhausted => "retries_exhausted",
+            ErrorCode::ResultsUnavailable => "results_unavailable",
+            ErrorCode::Expired => "expired",
             ErrorCode::InvalidOutput => "invalid_output",
             ErrorCode::DestinationMisconfigured => "destination_misconfigured",
             ErrorCode::Internal => "internal_error",

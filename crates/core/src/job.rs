@@ -162,3 +162,159 @@ pub struct NewJob {
     /// Optional idempotency key; a repeat for the same destination is a duplicate.
     pub message_id: Option<String>,
 }
+
+/// Longest accepted `messageId`, in characters (Unicode scalar values), so an
+/// id of emoji is judged like an id of ASCII letters.
+pub const MAX_MESSAGE_ID_CHARS: usize = 256;
+
+/// Deepest nesting of objects and arrays accepted in a payload: deeper
+/// records break receivers' parsers and renderers, so they are refused at the
+/// door instead of poisoning a batch later.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// Why a job cannot be stored; every entry point (API, `enqueue`, both
+/// stores) refuses the same inputs with the same words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobValidationError {
+    /// The destination id is empty.
+    #[error("destinationId must not be empty")]
+    EmptyDestination,
+    /// The payload text is not a JSON object.
+    #[error("payload must be a JSON object")]
+    PayloadNotObject,
+    /// The payload nests objects/arrays deeper than [`MAX_PAYLOAD_DEPTH`].
+    #[error("payload nests objects/arrays deeper than {MAX_PAYLOAD_DEPTH} levels")]
+    PayloadTooDeep,
+    /// The message id is empty or longer than [`MAX_MESSAGE_ID_CHARS`].
+    #[error("messageId must be 1 to {MAX_MESSAGE_ID_CHARS} characters")]
+    MessageIdLength,
+    /// A field holds a NUL character, which PostgreSQL text cannot store.
+    #[error("{0} contains a NUL character")]
+    Nul(&'static str),
+}
+
+impl NewJob {
+    /// Checks what every store and entry point requires of a job, so a job
+    /// accepted by one path is accepted by all and none fails half-way.
+    /// The payload is assumed to be JSON text already (parsing is the
+    /// caller's, which also reports where the syntax broke).
+    pub fn validate(&self) -> Result<(), JobValidationError> {
+        if self.destination_id.is_empty() {
+            return Err(JobValidationError::EmptyDestination);
+        }
+        if self.destination_id.contains('\0') {
+            return Err(JobValidationError::Nul("destinationId"));
+        }
+        if !self.payload.trim_start().starts_with('{') {
+            return Err(JobValidationError::PayloadNotObject);
+        }
+        if self.payload.contains('\0') {
+            return Err(JobValidationError::Nul("payload"));
+        }
+        if json_depth(&self.payload) > MAX_PAYLOAD_DEPTH {
+            return Err(JobValidationError::PayloadTooDeep);
+        }
+        if let Some(m) = &self.message_id {
+            let chars = m.chars().count();
+            if chars == 0 || chars > MAX_MESSAGE_ID_CHARS {
+                return Err(JobValidationError::MessageIdLength);
+            }
+            if m.contains('\0') {
+                return Err(JobValidationError::Nul("messageId"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deepest nesting of `{}`/`[]` in JSON text, found by one scan without
+/// recursion (so a hostile document cannot exhaust the stack measuring it).
+pub fn json_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+
+    fn job(payload: &str, mid: Option<&str>) -> NewJob {
+        NewJob {
+            destination_id: "d".into(),
+            payload: payload.into(),
+            message_id: mid.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn measures_depth_outside_strings() {
+        assert_eq!(json_depth("{}"), 1);
+        assert_eq!(json_depth(r#"{"a":[{"b":1}]}"#), 3);
+        assert_eq!(json_depth(r#"{"a":"[[[[{{\"]]"}"#), 1);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(json_depth(&deep), 10_000);
+    }
+
+    #[test]
+    fn refuses_what_no_store_can_take() {
+        assert_eq!(job("{}", None).validate(), Ok(()));
+        let at_limit = format!(
+            "{}{}",
+            "{\"a\":".repeat(MAX_PAYLOAD_DEPTH - 1) + "{",
+            "}".repeat(MAX_PAYLOAD_DEPTH)
+        );
+        assert_eq!(job(&at_limit, None).validate(), Ok(()));
+        let too_deep = format!("{{\"a\":{}", at_limit) + "}";
+        assert_eq!(
+            job(&too_deep, None).validate(),
+            Err(JobValidationError::PayloadTooDeep)
+        );
+        assert_eq!(
+            job("[1]", None).validate(),
+            Err(JobValidationError::PayloadNotObject)
+        );
+        assert_eq!(
+            job("{}", Some("")).validate(),
+            Err(JobValidationError::MessageIdLength)
+        );
+        // 256 emoji are 256 characters (1,024 bytes): accepted.
+        let emoji = "😀".repeat(MAX_MESSAGE_ID_CHARS);
+        assert_eq!(job("{}", Some(&emoji)).validate(), Ok(()));
+        let long = "😀".repeat(MAX_MESSAGE_ID_CHARS + 1);
+        assert_eq!(
+            job("{}", Some(&long)).validate(),
+            Err(JobValidationError::MessageIdLength)
+        );
+        assert_eq!(
+            job("{}", Some("a\0b")).validate(),
+            Err(JobValidationError::Nul("messageId"))
+        );
+        let mut empty_dest = job("{}", None);
+        empty_dest.destination_id.clear();
+        assert_eq!(
+            empty_dest.validate(),
+            Err(JobValidationError::EmptyDestination)
+        );
+    }
+}

@@ -19,7 +19,10 @@ pub mod telemetry;
 
 pub use destination::{parse_destination_config, ConfigProblems, DestinationContext};
 pub use error::{DestinationError, ErrorCode, StoreError, TransformError};
-pub use job::{ImportId, Job, JobId, JobState, NewJob, Timestamp};
+pub use job::{
+    ImportId, Job, JobId, JobState, JobValidationError, NewJob, Timestamp, MAX_MESSAGE_ID_CHARS,
+    MAX_PAYLOAD_DEPTH,
+};
 pub use lookup::{ByteSize, ConfigSource, KeyLookup, LookupError};
 pub use manager::{
     AsyncDestinationManager, ImportHandle, ManagerLimits, SimpleAsyncDestinationManager,

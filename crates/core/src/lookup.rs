@@ -90,6 +90,29 @@ impl<'a> KeyLookup<'a> {
             .or_else(|| self.source.get(&format!("BatchRouter.{key}")))
     }
 
+    /// Of several names for one setting (preferred first), those set at the
+    /// most specific level that sets any of them: the destination's `router`
+    /// table, then `BatchRouter.<TYPE>.`, then `BatchRouter.`. Lets a
+    /// RudderStack name and ours share one precedence.
+    pub fn set_at_most_specific<'k>(&self, keys: &[&'k str]) -> Vec<&'k str> {
+        let at_level = |set: &dyn Fn(&str) -> bool| -> Vec<&'k str> {
+            keys.iter().copied().filter(|k| set(k)).collect()
+        };
+        let own = at_level(&|k| self.overrides.contains_key(k));
+        if !own.is_empty() {
+            return own;
+        }
+        let typed = at_level(&|k| {
+            self.source
+                .get(&format!("BatchRouter.{}.{k}", self.destination_type))
+                .is_some()
+        });
+        if !typed.is_empty() {
+            return typed;
+        }
+        at_level(&|k| self.source.get(&format!("BatchRouter.{k}")).is_some())
+    }
+
     /// A duration; a bare number is read in `bare_unit`.
     pub fn duration(
         &self,
@@ -134,12 +157,16 @@ pub fn parse_duration(s: &str, bare_unit: Duration) -> Result<Duration, String> 
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    if let Ok(n) = s.parse::<u32>() {
-        return bare_unit
-            .checked_mul(n)
-            .ok_or_else(|| format!("`{s}` is too large a duration"));
+    // Exact integer nanoseconds, checked all the way: `99999999999999999999s`
+    // or a sum past `Duration::MAX` is a problem to report, never a panic.
+    let too_large = || format!("`{s}` is too large a duration");
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        // Only digits, so a failed parse means overflow.
+        let n: u128 = s.parse().map_err(|_| too_large())?;
+        let nanos = n.checked_mul(bare_unit.as_nanos()).ok_or_else(too_large)?;
+        return nanos_to_duration(nanos).ok_or_else(too_large);
     }
-    let mut total = Duration::ZERO;
+    let mut total: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
         let digits = rest
@@ -148,30 +175,53 @@ pub fn parse_duration(s: &str, bare_unit: Duration) -> Result<Duration, String> 
         if digits == 0 {
             return Err(format!("`{s}` is not a duration (e.g. 250ms, 30s, 5m, 1h)"));
         }
-        let number: f64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("`{s}` is not a duration"))?;
+        let number = &rest[..digits];
         let after = &rest[digits..];
         let unit_len = after
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(after.len());
-        let unit = &after[..unit_len];
-        let secs = match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86400.0,
+        let unit_nanos: u128 = match &after[..unit_len] {
+            "ms" => 1_000_000,
+            "s" => NANOS_PER_SEC,
+            "m" => 60 * NANOS_PER_SEC,
+            "h" => 3600 * NANOS_PER_SEC,
+            "d" => 86400 * NANOS_PER_SEC,
             other => {
                 return Err(format!(
                     "unknown duration unit `{other}` in `{s}` (use ms, s, m, h, d)"
                 ))
             }
         };
-        total += Duration::from_secs_f64(number * secs);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if fraction.contains('.') || (whole.is_empty() && fraction.is_empty()) {
+            return Err(format!("`{s}` is not a duration"));
+        }
+        // Only digits are left, so a failed parse means overflow.
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_large())?
+        };
+        let mut part = whole.checked_mul(unit_nanos).ok_or_else(too_large)?;
+        // 18 fraction digits are finer than a nanosecond of a day, and keep
+        // the product below u128::MAX.
+        let fraction = &fraction[..fraction.len().min(18)];
+        if !fraction.is_empty() {
+            let f: u128 = fraction.parse().map_err(|_| too_large())?;
+            part += f * unit_nanos / 10u128.pow(fraction.len() as u32);
+        }
+        total = total.checked_add(part).ok_or_else(too_large)?;
         rest = &after[unit_len..];
     }
-    Ok(total)
+    nanos_to_duration(total).ok_or_else(too_large)
+}
+
+const NANOS_PER_SEC: u128 = 1_000_000_000;
+
+/// `None` past `Duration::MAX`.
+fn nanos_to_duration(nanos: u128) -> Option<Duration> {
+    let secs = u64::try_from(nanos / NANOS_PER_SEC).ok()?;
+    Some(Duration::new(secs, (nanos % NANOS_PER_SEC) as u32))
 }
 
 /// Parses byte sizes: plain integers, `KB`/`MB`/`GB` (powers of 1000) and
@@ -205,7 +255,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         }
     };
     let bytes = number * mult as f64;
-    if !(0.0..=u64::MAX as f64).contains(&bytes) {
+    // `u64::MAX as f64` is 2^64, one past the largest u64: exclude it.
+    if !(0.0..u64::MAX as f64).contains(&bytes) {
         return Err(format!("`{s}` is out of range"));
     }
     Ok(bytes.round() as u64)
@@ -213,10 +264,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 
 /// Parses a non-negative integer count.
 pub fn parse_count(s: &str) -> Result<u64, String> {
-    s.trim()
-        .replace('_', "")
-        .parse::<u64>()
-        .map_err(|_| format!("`{s}` is not a non-negative integer"))
+    let digits = s.trim().replace('_', "");
+    digits.parse::<u64>().map_err(|_| {
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            format!("`{s}` is too large (at most {})", u64::MAX)
+        } else {
+            format!("`{s}` is not a non-negative integer")
+        }
+    })
 }
 
 /// The environment variable name RudderStack deployments use for a config
@@ -328,6 +383,52 @@ mod tests {
     }
 
     #[test]
+    fn oversized_durations_are_errors_not_panics() {
+        let s = Duration::from_secs(1);
+        for text in [
+            "99999999999999999999s",
+            "99999999999999999999d",
+            "18446744073709551615s1s",
+            "184467440737095516150000ms",
+            "99999999999999999999",
+            "999999999999999999999999999999999999999999",
+            "213503982334602",
+        ] {
+            let err = parse_duration(text, Duration::from_secs(86400)).unwrap_err();
+            assert!(err.contains("too large a duration"), "{text}: {err}");
+        }
+        let digits = "9".repeat(400);
+        assert!(parse_duration(&format!("{digits}s"), s).is_err());
+        assert!(parse_duration(&format!("{digits}.5ms"), s).is_err());
+        assert!(parse_duration(".", s).is_err());
+        assert!(parse_duration("1..5s", s).is_err());
+        assert_eq!(
+            parse_duration("4294967295", s).unwrap().as_secs(),
+            4294967295
+        );
+        assert_eq!(
+            parse_duration("18446744073709551615s", s).unwrap(),
+            Duration::from_secs(u64::MAX)
+        );
+        assert_eq!(
+            parse_duration("0.000000001s", s).unwrap(),
+            Duration::from_nanos(1)
+        );
+        assert_eq!(parse_duration(".5m", s).unwrap(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn oversized_byte_sizes_and_counts_are_errors() {
+        assert!(parse_bytes("18446744073709551616").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+        assert!(parse_bytes(&"9".repeat(400)).is_err());
+        assert!(parse_count("99999999999999999999999")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_count("-1").is_err());
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!(parse_bytes("32MB").unwrap(), 32_000_000);
         assert_eq!(parse_bytes("32MiB").unwrap(), 32 << 20);
@@ -372,5 +473,89 @@ mod tests {
             err.to_string().contains("destination router table"),
             "{err}"
         );
+    }
+}
+
+/// Whatever text a user or an environment variable supplies, the parsers
+/// answer `Ok` or `Err`: a typo in config never panics the daemon.
+#[cfg(test)]
+mod never_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Text shaped like values (digits, dots, units, separators), so the
+    /// search reaches the arithmetic instead of stopping at the first
+    /// character, mixed with arbitrary Unicode.
+    fn value_like() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            "[0-9]{1,40}",
+            "[0-9]{0,25}\\.[0-9]{0,25}",
+            Just(".".to_string()),
+            Just("_".to_string()),
+            Just(" ".to_string()),
+            prop_oneof![
+                Just("ms"),
+                Just("s"),
+                Just("m"),
+                Just("h"),
+                Just("d"),
+                Just("B"),
+                Just("KiB"),
+                Just("MB"),
+                Just("GiB"),
+                Just("gb"),
+            ]
+            .prop_map(str::to_string),
+            "\\PC{0,3}",
+        ];
+        prop::collection::vec(piece, 0..8).prop_map(|parts| parts.concat())
+    }
+
+    fn bare_unit() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::from_millis(1)),
+            Just(Duration::from_secs(1)),
+            Just(Duration::from_secs(86400)),
+            Just(Duration::MAX),
+            any::<u64>().prop_map(Duration::from_secs),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn parsers_never_panic_on_any_text(s in "\\PC*", unit in bare_unit()) {
+            let _ = parse_duration(&s, unit);
+            let _ = parse_bytes(&s);
+            let _ = parse_count(&s);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_value_like_text(s in value_like(), unit in bare_unit()) {
+            let _ = parse_duration(&s, unit);
+            let _ = parse_bytes(&s);
+            let _ = parse_count(&s);
+        }
+
+        #[test]
+        fn lookups_report_instead_of_panicking(s in value_like(), unit in bare_unit()) {
+            let mut src = BTreeMap::new();
+            src.insert("BatchRouter.uploadFreq".to_string(), s.clone());
+            src.insert("BatchRouter.MaxUploadLimit".to_string(), s.clone());
+            src.insert("BatchRouter.maxRetries".to_string(), s);
+            let none = BTreeMap::new();
+            let l = KeyLookup::new(&src, "HTTP", &none);
+            if let Err(e) = l.duration("uploadFreq", Duration::ZERO, unit) {
+                prop_assert_eq!(e.key, "uploadFreq");
+            }
+            if let Err(e) = l.bytes("MaxUploadLimit", 0) {
+                prop_assert_eq!(e.key, "MaxUploadLimit");
+            }
+            if let Err(e) = l.count("maxRetries", 0) {
+                prop_assert_eq!(e.key, "maxRetries");
+            }
+        }
     }
 }

@@ -77,27 +77,91 @@ pub fn is_secret_key(key: &str) -> bool {
     .any(|needle| k.contains(needle))
 }
 
-/// A URL with any password and query string masked, for printing config
-/// and errors (`https://u:***@host/path?***`). Text that is not a URL is
-/// returned unchanged.
+/// A URL with its secrets masked, for printing config and logging: the
+/// password (`https://u:***@host`), a lone user name over http(s) (APIs take
+/// tokens there: `https://***@host`), every query value (`?key=***&b=***`)
+/// and any fragment (`#***`). Query keys, host and path stay readable. Text
+/// that is not a URL is returned unchanged.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, _)) => (r, "?***"),
+    let (rest, fragment) = match rest.split_once('#') {
+        Some((r, f)) if !f.is_empty() => (r, "#***"),
+        Some((r, _)) => (r, "#"),
         None => (rest, ""),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, format!("?{}", redact_query(q))),
+        None => (rest, String::new()),
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
+    let web = ["http", "https", "ws", "wss"]
+        .iter()
+        .any(|w| scheme.eq_ignore_ascii_case(w));
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _)) => format!("{user}:***@{host}"),
+            None if web => format!("***@{host}"),
             None => format!("{userinfo}@{host}"),
         },
         None => authority.to_string(),
     };
-    format!("{scheme}://{authority}{path}{query}")
+    format!("{scheme}://{authority}{path}{query}{fragment}")
+}
+
+/// `a=1&b&c=x` → `a=***&***&c=***`: a parameter without `=` may itself be
+/// the token, so it is masked whole.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) => format!("{key}=***"),
+            None if pair.is_empty() => String::new(),
+            None => "***".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Masks every URL inside free text (error messages, config problems) with
+/// [`redact_url`]. A URL runs from its `scheme://` to the next whitespace,
+/// quote, backslash, `<`, `>` or backtick (less trailing punctuation), so a
+/// URL quoted in a message (`"https://h/x?key=…"`) is found too.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(sep) = rest.find("://") {
+        let start = rest[..sep]
+            .char_indices()
+            .rev()
+            .take_while(|(_, c)| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            .last()
+            .map(|(i, _)| i)
+            .unwrap_or(sep);
+        let after = sep + 3;
+        let end = rest[after..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '<' | '>' | '`'))
+            .map(|i| after + i)
+            .unwrap_or(rest.len());
+        // Sentence punctuation after a URL is not part of it.
+        let end = after
+            + rest[after..end]
+                .trim_end_matches(['.', ',', ';', ':', ')', ']'])
+                .len();
+        out.push_str(&rest[..start]);
+        if start == sep {
+            // `://` without a scheme before it: not a URL.
+            out.push_str(&rest[sep..after]);
+            rest = &rest[after..];
+            continue;
+        }
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -119,15 +183,51 @@ mod tests {
     }
 
     #[test]
-    fn urls_lose_passwords_and_queries() {
+    fn urls_lose_passwords_and_query_values() {
         assert_eq!(
             redact_url("postgres://u:pw@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(redact_url("https://h/hook?token=abc"), "https://h/hook?***");
-        assert_eq!(redact_url("https://u@h/x"), "https://u@h/x");
+        assert_eq!(
+            redact_url("https://h/hook?token=abc"),
+            "https://h/hook?token=***"
+        );
+        assert_eq!(
+            redact_url("https://a.klaviyo.test/api?key=pk_SECRET&revision=2025-01-15"),
+            "https://a.klaviyo.test/api?key=***&revision=***"
+        );
+        assert_eq!(redact_url("https://h/x?SECRET&a="), "https://h/x?***&a=***");
+        assert_eq!(redact_url("https://h/x?"), "https://h/x?");
+        assert_eq!(
+            redact_url("https://h/cb#access_token=SECRET"),
+            "https://h/cb#***"
+        );
+        assert_eq!(
+            redact_url("https://h/x?k=SECRET#frag"),
+            "https://h/x?k=***#***"
+        );
+        // A lone user name over http(s) is usually a token.
+        assert_eq!(redact_url("https://tok_SECRET@h/x"), "https://***@h/x");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("https://h/p@x"), "https://h/p@x");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn urls_inside_text_are_masked() {
+        assert_eq!(
+            redact_urls_in(
+                "`baseUrl` \"https://u:pw@h/x?key=pk_1\" must not have a query; see https://docs.test/a?b=c."
+            ),
+            "`baseUrl` \"https://u:***@h/x?key=***\" must not have a query; see https://docs.test/a?b=***."
+        );
+        assert_eq!(
+            redact_urls_in("cannot open postgres://br:pw@db/x (refused)"),
+            "cannot open postgres://br:***@db/x (refused)"
+        );
+        assert_eq!(redact_urls_in("no urls :// here"), "no urls :// here");
+        assert_eq!(redact_urls_in("é://x?a=1 ok"), "é://x?a=1 ok");
+        assert_eq!(redact_urls_in(""), "");
     }
 
     #[test]

@@ -305,6 +305,34 @@ pub struct RecoveryReport {
     pub slots_released: u64,
 }
 
+/// Leases a running daemon renews while their work runs (a heartbeat), so
+/// every lease can be short (`leaseTimeout`) however long an upload or a
+/// poll takes. Only leases still held by `owner` are renewed (fenced).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    /// The lease owner (this daemon's identity).
+    pub owner: String,
+    /// Claimed jobs (`executing`) to keep.
+    pub jobs: Vec<JobId>,
+    /// Imports in flight being polled to keep.
+    pub imports: Vec<ImportId>,
+    /// Upload slots held to keep.
+    pub slots: Vec<SlotId>,
+    /// New expiry of every renewed lease.
+    pub lease_until: Timestamp,
+}
+
+/// How many of the asked-for leases were still ours and were renewed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenewReport {
+    /// Jobs renewed.
+    pub jobs: u64,
+    /// Imports renewed.
+    pub imports: u64,
+    /// Slots renewed.
+    pub slots: u64,
+}
+
 /// The outcome of asking to retry one job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryResult {
@@ -414,6 +442,30 @@ pub trait JobStore: Send + Sync + 'static {
     /// Takes back leases that expired (work held by a dead process).
     async fn reclaim_expired(&self, now: Timestamp) -> Result<RecoveryReport, StoreError>;
 
+    /// Renews the given leases still held by `renewal.owner` (jobs still
+    /// `executing`, imports still in flight, slots), in one transaction.
+    async fn renew_leases(&self, renewal: LeaseRenewal) -> Result<RenewReport, StoreError>;
+
+    /// Takes back at once every lease `owner` holds: a daemon restarted with
+    /// the same identity knows that nothing it held before is in progress.
+    async fn release_owner(
+        &self,
+        owner: &str,
+        now: Timestamp,
+    ) -> Result<RecoveryReport, StoreError>;
+
+    /// Aborts (code `expired`, with `message`) `waiting` and `failed` jobs
+    /// created before `before` and unchanged since (a re-drive
+    /// restarts the clock), whatever their destination (configured or not),
+    /// at most `limit` per call; answers how many per destination id.
+    async fn expire_jobs(
+        &self,
+        before: Timestamp,
+        message: &str,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<BTreeMap<String, u64>, StoreError>;
+
     /// One job, for the API.
     async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
@@ -440,4 +492,8 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Commits a tiny write that changes no data, so `/readyz` reports a
+    /// store that answers reads but refuses writes (disk full, read-only).
+    async fn probe_write(&self) -> Result<(), StoreError>;
 }

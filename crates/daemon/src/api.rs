@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Path, Query, Request, State};
@@ -12,14 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchrouter_core::store::{ImportRecord, JobRecord, RetryResult};
-use batchrouter_core::{JobError, JobState, JobStore, NewJob, Secret, Timestamp};
+use batchrouter_core::{JobError, JobState, JobStore, NewJob, Secret, StoreError, Timestamp};
 use batchrouter_router::{Metrics, RouterHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-/// Longest accepted `messageId`.
-const MAX_MESSAGE_ID: usize = 256;
+use crate::readiness::Readiness;
 
 /// A configured destination as the API knows it.
 #[derive(Clone, Debug)]
@@ -45,6 +45,10 @@ pub struct ApiState {
     pub auth_token: Option<Secret>,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Longest wait for a whole request body (slow or stalled clients).
+    pub body_read_timeout: Duration,
+    /// Cached write probes of the store and staging, for `/readyz`.
+    pub readiness: Readiness,
 }
 
 /// An API error: status plus the `{"error":{"code","message"}}` body.
@@ -53,6 +57,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Ask the client to close the connection (its request was cut short).
+    close: bool,
 }
 
 impl ApiError {
@@ -61,6 +67,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            close: false,
         }
     }
 
@@ -72,7 +79,12 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    fn internal(e: impl std::fmt::Display) -> Self {
+    /// A store error: the store refusing the request itself (`Invalid`) is
+    /// the client's problem (400); anything else is the store's (503).
+    fn store(e: StoreError) -> Self {
+        if let StoreError::Invalid(reason) = &e {
+            return Self::malformed(reason.clone());
+        }
         tracing::error!(error = %e, "API request failed on the store.");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +92,66 @@ impl ApiError {
             format!("the job store failed: {e}"),
         )
     }
+}
+
+/// The error code an HTTP status stands for, for errors the handlers did not
+/// shape themselves (axum's extractor rejections, hyper's).
+fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "malformed_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "unprocessable",
+        503 => "unavailable",
+        s if s >= 500 => "internal_error",
+        _ => "bad_request",
+    }
+}
+
+/// Rewrites any error response that is not already JSON (axum's plain-text
+/// rejections: a path that is not UTF-8, a query string that does not
+/// parse) into the `{"error":{"code","message"}}` shape every client expects.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string()
+    } else {
+        text
+    };
+    let mut out = (
+        status,
+        Json(json!({"error": {"code": code_for(status), "message": message}})),
+    )
+        .into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 impl IntoResponse for ApiError {
@@ -92,6 +164,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if self.close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -120,6 +196,7 @@ pub fn routes(state: ApiState) -> Router {
                 "this endpoint does not take that method",
             )
         })
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
@@ -136,21 +213,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn require_token(State(st): State<ApiState>, req: Request, next: Next) -> Response {
     if let Some(token) = &st.auth_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if given.is_empty() {
+        let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+        let (first, second) = (values.next(), values.next());
+        if second.is_some() {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "more than one Authorization header",
+            )
+            .into_response();
+        }
+        let Some(given) = first else {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "missing bearer token",
             )
             .into_response();
-        }
-        if !constant_time_eq(given.as_bytes(), token.expose().as_bytes()) {
+        };
+        // The whole header value, byte for byte: `Bearer <token>` and
+        // nothing else (no extra spaces, no other scheme spelling).
+        let expected = format!("Bearer {}", token.expose());
+        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -203,6 +287,18 @@ async fn read_body(
             format!("request body is larger than {} bytes", st.max_body_bytes),
         )
     };
+    let too_slow = || {
+        let mut e = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {:?}",
+                st.body_read_timeout
+            ),
+        );
+        e.close = true;
+        e
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -210,9 +306,10 @@ async fn read_body(
     if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
         return Err(too_large());
     }
-    to_bytes(body, st.max_body_bytes)
-        .await
-        .map_err(|_| too_large())
+    match tokio::time::timeout(st.body_read_timeout, to_bytes(body, st.max_body_bytes)).await {
+        Err(_) => Err(too_slow()),
+        Ok(r) => r.map_err(|_| too_large()),
+    }
 }
 
 fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> {
@@ -271,32 +368,21 @@ async fn submit_jobs(
                 ),
             ));
         }
-        if !j.payload.get().trim_start().starts_with('{') {
-            return Err(ApiError::malformed(format!(
-                "job {}: payload must be a JSON object",
-                i + 1
-            )));
-        }
-        if let Some(m) = &j.message_id {
-            if m.is_empty() || m.len() > MAX_MESSAGE_ID {
-                return Err(ApiError::malformed(format!(
-                    "job {}: messageId must be 1 to {MAX_MESSAGE_ID} characters",
-                    i + 1
-                )));
-            }
-        }
-        new_jobs.push(NewJob {
+        let job = NewJob {
             destination_id: j.destination_id,
             payload: j.payload.get().to_string(),
             message_id: j.message_id,
-        });
+        };
+        job.validate()
+            .map_err(|e| ApiError::malformed(format!("job {}: {e}", i + 1)))?;
+        new_jobs.push(job);
     }
     let dests: Vec<String> = new_jobs.iter().map(|j| j.destination_id.clone()).collect();
     let inserted = st
         .store
         .insert_jobs(new_jobs, Timestamp::now())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     let mut fresh: BTreeMap<&str, u64> = BTreeMap::new();
     for (d, ins) in dests.iter().zip(&inserted) {
         if !ins.duplicate {
@@ -369,9 +455,13 @@ fn job_json(j: &JobRecord) -> Value {
     v
 }
 
+/// Accepts canonical ids only (`1`, never `+1`, `01` or ` 1`), so one job
+/// has one URL.
 fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>()
-        .ok()
+    let canonical = raw.bytes().all(|b| b.is_ascii_digit()) && !raw.starts_with('0');
+    canonical
+        .then(|| raw.parse::<i64>().ok())
+        .flatten()
         .filter(|id| *id > 0)
         .ok_or_else(|| ApiError::not_found(format!("no {what} `{raw}`")))
 }
@@ -381,7 +471,7 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "job")?;
-    match st.store.get_job(id).await.map_err(ApiError::internal)? {
+    match st.store.get_job(id).await.map_err(ApiError::store)? {
         Some(j) => Ok(Json(job_json(&j))),
         None => Err(ApiError::not_found(format!("no job {id}"))),
     }
@@ -426,7 +516,7 @@ async fn get_import(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id, "import")?;
-    match st.store.get_import(id).await.map_err(ApiError::internal)? {
+    match st.store.get_import(id).await.map_err(ApiError::store)? {
         Some(i) => Ok(Json(import_json(&i))),
         None => Err(ApiError::not_found(format!("no import {id}"))),
     }
@@ -437,7 +527,7 @@ async fn list_destinations(State(st): State<ApiState>) -> Result<Json<Value>, Ap
         .store
         .destination_counts()
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     let list: Vec<Value> = st
         .destinations
         .iter()
@@ -471,7 +561,7 @@ async fn retry_job(
         .store
         .retry_job(id, Timestamp::now())
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::store)?
     {
         RetryResult::Retried => {
             if let Ok(Some(j)) = st.store.get_job(id).await {
@@ -489,29 +579,34 @@ async fn retry_job(
     }
 }
 
-#[derive(Deserialize)]
-struct RedriveQuery {
-    state: Option<String>,
-}
-
 async fn redrive(
     State(st): State<ApiState>,
     Path(id): Path<String>,
-    Query(q): Query<RedriveQuery>,
+    Query(q): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     if !st.destinations.contains_key(&id) {
         return Err(ApiError::not_found(format!(
             "destination `{id}` is not configured"
         )));
     }
+    // `state` may repeat (`?state=aborted&state=failed`) or list states
+    // (`?state=aborted,failed`); both mean the union.
+    let mut asked = Vec::new();
+    for (key, value) in &q {
+        match key.as_str() {
+            "state" => asked.extend(value.split(',').map(str::trim)),
+            other => {
+                return Err(ApiError::malformed(format!(
+                    "unknown query parameter `{other}` (redrive takes `state`)"
+                )))
+            }
+        }
+    }
+    if asked.is_empty() {
+        asked.push("aborted");
+    }
     let mut states = BTreeSet::new();
-    for s in q
-        .state
-        .as_deref()
-        .unwrap_or("aborted")
-        .split(',')
-        .map(str::trim)
-    {
+    for s in asked {
         match s {
             "aborted" => states.insert(JobState::Aborted),
             "failed" => states.insert(JobState::Failed),
@@ -527,7 +622,7 @@ async fn redrive(
         .store
         .redrive(&id, &states, Timestamp::now())
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::store)?;
     st.router.wake(&id);
     tracing::info!(destination_id = %id, count = n, "Jobs re-driven through the API.");
     Ok((StatusCode::ACCEPTED, Json(json!({"count": n}))).into_response())
@@ -549,10 +644,10 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<ApiState>) -> Response {
-    if let Err(e) = st.store.ping().await {
+    if let Err(reason) = st.readiness.check().await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": format!("store unreachable: {e}")})),
+            Json(json!({"status": "not_ready", "reason": reason})),
         )
             .into_response();
     }
@@ -576,6 +671,45 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(!constant_time_eq(b"", b"a"));
+    }
+
+    #[test]
+    fn only_canonical_ids_resolve() {
+        assert_eq!(parse_id("1", "job").unwrap(), 1);
+        assert_eq!(parse_id("9223372036854775807", "job").unwrap(), i64::MAX);
+        for raw in [
+            "+1",
+            "01",
+            "0",
+            "-1",
+            " 1",
+            "1 ",
+            "1.0",
+            "",
+            "9223372036854775808",
+        ] {
+            let e = parse_id(raw, "job").unwrap_err();
+            assert_eq!(e.status, StatusCode::NOT_FOUND, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn store_refusals_are_the_clients_problem() {
+        let e = ApiError::store(StoreError::Invalid("messageId contains a NUL".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "malformed_request")
+        );
+        let e = ApiError::store(StoreError::Unavailable("down".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable")
+        );
+        assert_eq!(code_for(StatusCode::BAD_REQUEST), "malformed_request");
+        assert_eq!(
+            code_for(StatusCode::METHOD_NOT_ALLOWED),
+            "method_not_allowed"
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState, DestinationInfo};
+use crate::readiness::Readiness;
+use crate::server::{self, ServerLimits};
 
 /// A running daemon.
 pub struct App {
@@ -34,9 +36,12 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
     let metrics = Metrics::new();
     let options = RouterOptions {
         staging_dir: cfg.store.staging_dir.clone(),
+        finished_job_retention: cfg.global.finished_job_retention,
         job_retention: cfg.global.job_retention,
+        owner: lease_owner()?,
         ..RouterOptions::new()
     };
+    batchrouter_router::settings::warn_ignored(&cfg.ignored);
     let mut builder = RouterBuilder::new(store, metrics.clone(), options);
     let mut infos = BTreeMap::new();
     for d in &cfg.destinations {
@@ -56,8 +61,14 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
             destination_type: d.kind.clone(),
             telemetry: metrics.telemetry(&d.kind, &d.id),
         };
-        let manager = factory::build_manager(&ctx, &d.config)
-            .with_context(|| format!("destination `{}`", d.id))?;
+        // The error may quote a configured URL: mask its secrets.
+        let manager = factory::build_manager(&ctx, &d.config).map_err(|e| {
+            anyhow::anyhow!(
+                "destination `{}`: {}",
+                d.id,
+                batchrouter_core::secret::redact_urls_in(&e.to_string())
+            )
+        })?;
         builder = builder.destination(d.id.clone(), d.kind.clone(), manager, d.settings.clone());
     }
     let router = builder.start().await.context("cannot start the router")?;
@@ -68,6 +79,8 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
         destinations: Arc::new(infos),
         auth_token: cfg.server.auth_token.clone(),
         max_body_bytes: usize::try_from(cfg.server.max_body_bytes).unwrap_or(usize::MAX),
+        body_read_timeout: cfg.server.body_read_timeout,
+        readiness: Readiness::new(router.store(), cfg.store.staging_dir.clone()),
     };
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
@@ -75,14 +88,12 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
     let addr = listener.local_addr()?;
     let (stop_server, stopped) = oneshot::channel::<()>();
     let app = api::routes(state);
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stopped.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed.");
-        }
-    });
+    let limits = ServerLimits {
+        header_read_timeout: cfg.server.header_read_timeout,
+        idle_timeout: cfg.server.idle_timeout,
+        max_connections: cfg.server.max_connections,
+    };
+    let server = tokio::spawn(server::serve(listener, app, limits, stopped));
     tracing::info!(
         %addr,
         store = %cfg.store.redacted_url(),
@@ -99,6 +110,30 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
         server,
         stop_server,
     })
+}
+
+/// Environment variable naming this daemon's stable identity.
+pub const INSTANCE_ID_ENV: &str = "BATCHROUTER_INSTANCE_ID";
+
+/// The lease owner: `BATCHROUTER_INSTANCE_ID` when set (stable across
+/// restarts, so a restarted daemon takes back its own leases at once; it
+/// must be unique among running daemons), else unique per process.
+fn lease_owner() -> anyhow::Result<String> {
+    match std::env::var(INSTANCE_ID_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(batchrouter_router::default_owner()),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{INSTANCE_ID_ENV} is not valid UTF-8")
+        }
+        Ok(id) => {
+            let id = id.trim();
+            if id.is_empty() || id.chars().count() > 128 || id.chars().any(char::is_control) {
+                anyhow::bail!(
+                    "{INSTANCE_ID_ENV} must be 1 to 128 printable characters (e.g. the pod name), got {id:?}"
+                );
+            }
+            Ok(batchrouter_router::instance_owner(id))
+        }
+    }
 }
 
 impl App {

@@ -1,6 +1,7 @@
 //! `batchrouterd enqueue`: NDJSON payloads (one JSON object a line) into
-//! the store. The whole input is validated before anything is stored. When
-//! a running daemon owns the SQLite file, the jobs go through its API.
+//! the store. The whole input is validated (every line as the store and the
+//! API judge a job) before anything is stored. When a running daemon owns
+//! the SQLite file, the jobs go through its API.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -39,7 +40,7 @@ pub async fn run(
         );
     }
     let mut file = open_input(input)?;
-    let lines = validate(&mut file, message_id_field)?;
+    let lines = validate(&mut file, destination, message_id_field)?;
     file.seek(SeekFrom::Start(0))?;
     match batchrouter_store::open(cfg.store.url.expose()).await {
         Ok(store) => {
@@ -99,8 +100,11 @@ fn message_id(v: &serde_json::Value, field: Option<&str>) -> Result<Option<Strin
     }
 }
 
-/// Checks every line; lists up to ten problems with line numbers.
-fn validate(file: &mut File, field: Option<&str>) -> anyhow::Result<u64> {
+/// Checks every line as the store and the API will (JSON object, message
+/// id, [`NewJob::validate`]) before anything is sent, so no chunk can be
+/// refused after earlier ones were stored; lists up to ten problems with
+/// line numbers.
+fn validate(file: &mut File, destination: &str, field: Option<&str>) -> anyhow::Result<u64> {
     let mut problems = Vec::new();
     let mut count = 0u64;
     for (i, line) in BufReader::new(&mut *file).lines().enumerate() {
@@ -110,7 +114,17 @@ fn validate(file: &mut File, field: Option<&str>) -> anyhow::Result<u64> {
         }
         match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(v) if v.is_object() => match message_id(&v, field) {
-                Ok(_) => count += 1,
+                Ok(message_id) => {
+                    let job = NewJob {
+                        destination_id: destination.to_string(),
+                        payload: line,
+                        message_id,
+                    };
+                    match job.validate() {
+                        Ok(()) => count += 1,
+                        Err(e) => problems.push(format!("line {}: {e}", i + 1)),
+                    }
+                }
                 Err(e) => problems.push(format!("line {}: {e}", i + 1)),
             },
             Ok(_) => problems.push(format!("line {}: not a JSON object", i + 1)),

@@ -7,3 +7,5 @@ pub mod app;
 pub mod demo;
 pub mod enqueue;
 pub mod logging;
+pub mod readiness;
+pub mod server;

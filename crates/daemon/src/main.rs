@@ -128,6 +128,9 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
                 path.display()
             );
             print!("{}", render_effective(&cfg));
+            for w in &cfg.ignored {
+                eprintln!("warning: {w}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -139,6 +139,13 @@ pub fn validate(value: &serde_json::Value) -> Result<HttpConfig, ConfigProblems>
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             p.push(format!("headers: `{name}` is not a valid header name"));
         }
+        if name.eq_ignore_ascii_case("idempotency-key") {
+            // One fixed key would make a deduplicating receiver drop every
+            // request after the first.
+            p.push(format!(
+                "headers: `{name}` is set by the destination itself, per request (a key per job set); remove it"
+            ));
+        }
         if reqwest::header::HeaderValue::from_str(value.expose()).is_err() {
             p.push(format!(
                 "headers: the value of `{name}` is not a valid header value"
@@ -205,6 +212,14 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(err.0.len(), 4, "{err:?}");
+        let err = validate(&json!({
+            "url": "http://x", "headers": {"Idempotency-Key": "fixed"}
+        }))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("set by the destination itself"),
+            "{err}"
+        );
         let err = validate(&json!({"url": "http://x", "method": "GET"})).unwrap_err();
         assert!(err.to_string().contains("unknown variant `GET`"), "{err}");
     }

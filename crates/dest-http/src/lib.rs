@@ -5,6 +5,9 @@
 //! at most `maxInFlight` in flight (`mode = "single"`). Delivery is final when
 //! the endpoint answers 2xx; 408/429/5xx, timeouts and dropped connections
 //! are retried by the router; other 4xx abort the records with the status.
+//! Every request carries an `Idempotency-Key` naming its job set, the same
+//! on every re-send of that set ([`upload::idempotency_key`]), so receivers
+//! can drop the repeats a crash after delivery causes.
 //!
 //! Layout: [`config`] (what users write) → [`transform`] (payload → line) →
 //! [`upload`] (requests and outcome classification).

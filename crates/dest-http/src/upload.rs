@@ -6,6 +6,10 @@
 //! 5xx, timeouts, dropped connections), the rest of the batch is not sent:
 //! those records are deferred without spending an attempt, and the router
 //! pauses the destination (honouring `Retry-After`) before trying again.
+//!
+//! Every request carries an `Idempotency-Key` header naming the job set it
+//! carries, the same on every re-send of that set (see [`idempotency_key`]),
+//! so a receiver can drop the repeats the router's duplicate window produces.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -23,6 +27,32 @@ use crate::config::{HttpConfig, Method, Mode};
 
 /// Body bytes of an error answer kept for the job's reason.
 const ERROR_BODY_LIMIT: usize = 2048;
+
+/// The header carrying a request's stable key (IETF draft
+/// `draft-ietf-httpapi-idempotency-key-header`, as Stripe and others use it).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The `Idempotency-Key` of a request carrying `records` (a contiguous run of
+/// the batch's jobs in line order), in the mode's shape:
+/// - batch mode, the whole batch in one request: the batch id itself (the
+///   router derives it from the job ids, so a re-send of the same job set
+///   gets the same id);
+/// - batch mode, one of several requests: `<batch id>/<first job id>+<count>`,
+///   which names the run exactly (a batch's line order is fixed);
+/// - single mode: `job-<job id>`, the store's id of the record, the same
+///   whatever batch the record travels in.
+pub fn idempotency_key(mode: Mode, batch: &StagedBatch, records: &[JobId]) -> String {
+    match (mode, records) {
+        (Mode::Single, [id]) => format!("job-{id}"),
+        _ if records == batch.job_ids.as_slice() => batch.batch_id.clone(),
+        _ => format!(
+            "{}/{}+{}",
+            batch.batch_id,
+            records.first().copied().unwrap_or_default(),
+            records.len()
+        ),
+    }
+}
 
 /// Sends staged batches to one endpoint.
 pub struct Client {
@@ -111,7 +141,9 @@ impl Client {
             }
             body.push(b']');
             done += chunk.len();
-            match self.send(body).await {
+            let ids: Vec<JobId> = chunk.iter().map(|(id, _)| *id).collect();
+            let key = idempotency_key(Mode::Batch, batch, &ids);
+            match self.send(body, &key).await {
                 Ok(()) => chunk
                     .iter()
                     .for_each(|(id, _)| out.push(*id, Outcome::succeeded())),
@@ -158,7 +190,8 @@ impl Client {
                     if let Some(e) = stop.lock().unwrap().clone() {
                         return (id, deferred(&e), None);
                     }
-                    match self.send(line.into_bytes()).await {
+                    let key = idempotency_key(Mode::Single, batch, &[id]);
+                    match self.send(line.into_bytes(), &key).await {
                         Ok(()) => (id, Outcome::succeeded(), None),
                         Err(e) => {
                             if !matches!(e, DestinationError::Permanent { .. }) {
@@ -197,12 +230,17 @@ impl Client {
     }
 
     /// One request; `Ok` on 2xx, a classified error otherwise.
-    async fn send(&self, body: Vec<u8>) -> Result<(), DestinationError> {
+    async fn send(&self, body: Vec<u8>, key: &str) -> Result<(), DestinationError> {
         let req = match self.cfg.method {
             Method::Post => self.http.post(self.cfg.url.clone()),
             Method::Put => self.http.put(self.cfg.url.clone()),
         };
-        let resp = match req.headers(self.headers.clone()).body(body).send().await {
+        let mut headers = self.headers.clone();
+        // Batch ids and job ids are ASCII digits, letters and `-/+`.
+        if let Ok(v) = HeaderValue::from_str(key) {
+            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), v);
+        }
+        let resp = match req.headers(headers).body(body).send().await {
             Ok(r) => r,
             Err(e) => {
                 let label = if e.is_timeout() { "timeout" } else { "error" };

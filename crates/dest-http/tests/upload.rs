@@ -257,3 +257,143 @@ async fn redirects_are_not_followed() {
         "records and headers never went elsewhere"
     );
 }
+
+/// The router's deterministic batch id (first id, count, FNV-1a of the ids).
+fn router_batch_id(job_ids: &[i64]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in job_ids {
+        for b in id.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{}-{}-{h:016x}", job_ids[0], job_ids.len())
+}
+
+/// Stages `(job id, payload)` pairs as the router's staging does: a job
+/// whose transform fails is aborted alone (`transform_failed`) and left out.
+fn stage_like_router(
+    m: &Arc<dyn AsyncDestinationManager>,
+    dir: &std::path::Path,
+    jobs: &[(i64, String)],
+) -> (StagedBatch, Vec<(i64, batchrouter_core::JobError)>) {
+    let (mut text, mut ids, mut aborted) = (String::new(), Vec::new(), Vec::new());
+    for (id, payload) in jobs {
+        let job = Job {
+            id: *id,
+            destination_id: "h".into(),
+            payload: payload.clone(),
+            message_id: None,
+            attempts: 0,
+            retry_base: 0,
+            first_attempt_at: None,
+            created_at: Timestamp(0),
+        };
+        match m.transform(&job) {
+            Ok(line) => {
+                text.push_str(&line);
+                text.push('\n');
+                ids.push(*id);
+            }
+            Err(e) => aborted.push((
+                *id,
+                batchrouter_core::JobError::new(ErrorCode::TransformFailed, e.to_string()),
+            )),
+        }
+    }
+    let batch_id = router_batch_id(&ids);
+    let path = dir.join(format!("{batch_id}.staged"));
+    std::fs::write(&path, &text).unwrap();
+    let batch = StagedBatch {
+        batch_id,
+        destination_id: "h".into(),
+        destination_type: "HTTP".into(),
+        path,
+        job_ids: ids,
+        bytes: text.len() as u64,
+        attempt: 1,
+        created_at: Timestamp(0),
+    };
+    (batch, aborted)
+}
+
+fn records(ids: std::ops::RangeInclusive<i64>) -> Vec<(i64, String)> {
+    ids.map(|i| (i, json!({"id": format!("r-{i}")}).to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_deep_record_aborts_alone_and_the_rest_of_its_batch_is_delivered() {
+    let s = HttpStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(json!({"url": s.url()}));
+    let mut jobs = records(1..=9);
+    let deep = format!(
+        "{{\"id\":\"deep\",\"v\":{}1{}}}",
+        "[".repeat(9_999),
+        "]".repeat(9_999)
+    );
+    jobs.insert(4, (100, deep));
+    let (batch, aborted) = stage_like_router(&m, dir.path(), &jobs);
+    assert_eq!(aborted.len(), 1);
+    assert_eq!(aborted[0].0, 100);
+    assert_eq!(aborted[0].1.code, ErrorCode::TransformFailed);
+    assert!(
+        aborted[0].1.message.contains("10000 levels deep"),
+        "{}",
+        aborted[0].1.message
+    );
+    let out = m.upload(&batch).await;
+    batchrouter_core::validate_upload_output(&batch.job_ids, &out).unwrap();
+    assert_eq!(outcome_counts(&out), (9, 0, 0, 0));
+    assert_eq!(s.accepted().len(), 9);
+    assert_eq!(s.accepted_count("deep"), 0);
+}
+
+#[tokio::test]
+async fn every_request_carries_a_key_stable_for_its_job_set() {
+    let s = HttpStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Batch mode, one request per batch: the key is the batch id, the same
+    // on a re-send of the same jobs, different for another job set.
+    let m = manager(json!({"url": s.url()}));
+    let (first, _) = stage_like_router(&m, dir.path(), &records(1..=5));
+    m.upload(&first).await;
+    m.upload(&first).await;
+    let (other, _) = stage_like_router(&m, dir.path(), &records(1..=4));
+    m.upload(&other).await;
+    let keys = s.idempotency_keys();
+    assert_eq!(
+        keys,
+        vec![
+            Some(first.batch_id.clone()),
+            Some(first.batch_id.clone()),
+            Some(other.batch_id.clone())
+        ]
+    );
+    assert_ne!(first.batch_id, other.batch_id);
+
+    // Several requests per batch: one key per run of jobs, each stable.
+    let s = HttpStandIn::start().await;
+    let m = manager(json!({"url": s.url(), "maxBatchSize": 2}));
+    let (batch, _) = stage_like_router(&m, dir.path(), &records(1..=5));
+    m.upload(&batch).await;
+    m.upload(&batch).await;
+    let keys: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
+    let b = &batch.batch_id;
+    let expected = [format!("{b}/1+2"), format!("{b}/3+2"), format!("{b}/5+1")];
+    assert_eq!(keys[..3], expected[..]);
+    assert_eq!(keys[3..], expected[..], "a re-send repeats the keys");
+
+    // Single mode: the key is the job's, whatever batch carries it.
+    let s = HttpStandIn::start().await;
+    let m = manager(json!({"url": s.url(), "mode": "single", "maxInFlight": 1}));
+    let (batch, _) = stage_like_router(&m, dir.path(), &records(7..=9));
+    m.upload(&batch).await;
+    let (alone, _) = stage_like_router(&m, dir.path(), &records(8..=8));
+    m.upload(&alone).await;
+    let mut keys: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["job-7", "job-8", "job-8", "job-9"]);
+}

@@ -30,7 +30,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default whole-request timeout (a 5 MB upload over a slow link fits).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `uploadTimeBudget`: with the default `requestTimeout` an upload
-/// ends within 9 minutes, under the router's default `asyncUploadTimeout`
+/// ends within 9 minutes, under the router's default `uploadCallTimeout`
 /// (10 minutes), so the imports it created are always recorded.
 pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
 /// Longest timeout accepted: anything longer is a typo, not a wish.

@@ -13,7 +13,7 @@
 //!   No request starts later than `uploadTimeBudget` into the call, and
 //!   [`limits`](AsyncDestinationManager::limits) sizes batches so one fits
 //!   in that budget at the configured rate, so an upload always returns (and
-//!   its imports are recorded) before the router's `asyncUploadTimeout`.
+//!   its imports are recorded) before the router's `uploadCallTimeout`.
 //! * `poll` maps `queued`/`processing`/`complete`/`cancelled` to the router's
 //!   poll states; a poll that did not work is an error, never a failed import
 //!   (a 404 too, until the import is [`poll::NOT_FOUND_GRACE`] old).

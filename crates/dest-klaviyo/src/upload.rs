@@ -15,7 +15,7 @@
 //!
 //! No request starts later than `uploadTimeBudget` after the upload began:
 //! what is left is throttled unsent, so the call returns (with the imports
-//! already created) well before the router's `asyncUploadTimeout` would
+//! already created) well before the router's `uploadCallTimeout` would
 //! drop it and lose them.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};

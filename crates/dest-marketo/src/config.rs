@@ -43,7 +43,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Default longest time one upload (all its files) may take: a margin under
-/// the router's default `asyncUploadTimeout` of 10 minutes.
+/// the router's default `uploadCallTimeout` of 10 minutes.
 pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -120,7 +120,7 @@ pub struct Settings {
     /// Largest CSV file sent in one import.
     pub max_file_bytes: u64,
     /// Longest time one upload may spend before files not yet sent wait for
-    /// a later upload; keep it under the router's `asyncUploadTimeout`.
+    /// a later upload; keep it under the router's `uploadCallTimeout`.
     pub upload_time_budget: Duration,
 }
 

@@ -15,7 +15,7 @@
 //!
 //! A file whose turn comes after `uploadTimeBudget` is not sent either, and a
 //! POST still running when the budget ends is abandoned, so the imports
-//! already created reach the router before its `asyncUploadTimeout` drops
+//! already created reach the router before its `uploadCallTimeout` drops
 //! the upload (which would lose them: they would never be polled).
 
 use std::sync::Arc;

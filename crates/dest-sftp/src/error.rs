@@ -51,6 +51,16 @@ pub enum SftpError {
     /// The staged batch could not be read or is not what transform wrote.
     #[error("staged batch unusable: {0}")]
     Staging(String),
+    /// One staged record could not be rendered into the file (transform
+    /// prevents this; kept as a safety net so one record never fails its
+    /// whole batch for good): that job is aborted, the others retried.
+    #[error("staged line {line} cannot be rendered: {reason}")]
+    BadRecord {
+        /// 1-based line of the staged file (= position in the batch).
+        line: usize,
+        /// Parser message.
+        reason: String,
+    },
     /// The router gave up on the upload (its timeout) while it ran.
     #[error("upload cancelled before it finished")]
     Cancelled,
@@ -91,7 +101,7 @@ impl SftpError {
     /// The job error every job of the batch gets.
     pub fn job_error(&self) -> JobError {
         let code = match self {
-            SftpError::Staging(_) => ErrorCode::Internal,
+            SftpError::Staging(_) | SftpError::BadRecord { .. } => ErrorCode::Internal,
             e if e.is_permanent() => ErrorCode::DestinationRejected,
             _ => ErrorCode::DestinationUnavailable,
         };

@@ -415,6 +415,23 @@ mod tests {
     }
 
     #[test]
+    fn csv_from_pre_rendered_cells_is_byte_for_byte_the_csv_of_raw_records() {
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        for p in PAYLOADS {
+            let line = crate::transform::transform_record(p, FileFormat::Csv).unwrap();
+            writeln!(g, "{line}").unwrap();
+        }
+        g.flush().unwrap();
+        let raw = staged(PAYLOADS);
+        for sort in [false, true] {
+            assert_eq!(
+                run(FileFormat::Csv, &g, 3, &[], sort),
+                run(FileFormat::Csv, &raw, 3, &[], sort)
+            );
+        }
+    }
+
+    #[test]
     fn csv_sorting_and_configured_order() {
         let f = staged(PAYLOADS);
         assert_eq!(

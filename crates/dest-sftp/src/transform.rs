@@ -7,47 +7,128 @@
 //!   `fields` plus `action` (last) when present; other keys (`type`,
 //!   `recordId`, `context`, …) are routing metadata and are dropped;
 //! - any other JSON object: the object itself is the record.
+//!
+//! Whatever transform accepts, the upload can render: payloads nested deeper
+//! than [`MAX_PAYLOAD_DEPTH`] are refused here, and for CSV the staged line
+//! already holds every value rendered as its cell (a JSON string), so a
+//! record that cannot become a cell (a number out of range, say) is refused
+//! here too and aborts alone, instead of failing its whole batch at upload.
 
 use std::fmt;
 
-use batchrouter_core::TransformError;
+use batchrouter_core::job::json_depth;
+use batchrouter_core::render::render_cell;
+use batchrouter_core::{TransformError, MAX_PAYLOAD_DEPTH};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// The staged line for one job payload.
-pub fn transform_payload(payload: &str) -> Result<String, TransformError> {
-    let top: Object<'_> = serde_json::from_str(payload)
-        .map_err(|e| TransformError::new(format!("payload is not a JSON object: {e}")))?;
-    top.check_unique("payload")?;
+use crate::config::FileFormat;
 
-    let fields = top
-        .get("fields")
-        .filter(|v| v.get().trim_start().starts_with('{'));
-    let Some(fields) = fields else {
-        // Flat record: the object itself.
-        return Ok(write_object(&top.0, None));
-    };
-    let fields: Object<'_> = serde_json::from_str(fields.get())
-        .map_err(|e| TransformError::new(format!("`fields` is not a JSON object: {e}")))?;
-    fields.check_unique("fields")?;
-    let action = match top.get("action") {
-        None => None,
-        Some(v) if v.get() == "null" => None,
-        Some(v) if v.get().starts_with('"') => Some(v),
-        Some(v) => {
-            return Err(TransformError::new(format!(
-                "`action` must be a string, not {}",
-                short(v.get())
-            )))
-        }
-    };
-    if action.is_some() && fields.get("action").is_some() {
-        return Err(TransformError::new(
-            "the record has both an `action` and a field named `action`; rename the field",
-        ));
+/// The staged line for one job payload in a file of `format`: for the JSON
+/// formats the record as [`transform_payload`] gives it; for CSV the same
+/// record with every value replaced by its rendered cell, which is exactly
+/// what the upload writes into the row.
+pub fn transform_record(payload: &str, format: FileFormat) -> Result<String, TransformError> {
+    let record = Record::parse(payload)?;
+    match format {
+        FileFormat::Csv => record.write_cells(),
+        FileFormat::Json | FileFormat::JsonArray => Ok(record.write()),
     }
-    Ok(write_object(&fields.0, action))
+}
+
+/// The staged line for one job payload (the record as JSON, for the JSON
+/// file formats; see [`transform_record`] for CSV).
+pub fn transform_payload(payload: &str) -> Result<String, TransformError> {
+    Ok(Record::parse(payload)?.write())
+}
+
+/// A payload's record: members in document order, values unparsed.
+struct Record<'a> {
+    members: Vec<(String, &'a RawValue)>,
+    action: Option<&'a RawValue>,
+}
+
+impl<'a> Record<'a> {
+    fn parse(payload: &'a str) -> Result<Record<'a>, TransformError> {
+        // Measured without recursion before any parser sees the text.
+        let depth = json_depth(payload);
+        if depth > MAX_PAYLOAD_DEPTH {
+            return Err(TransformError::new(format!(
+                "payload nests objects/arrays {depth} levels deep; at most {MAX_PAYLOAD_DEPTH} are accepted"
+            )));
+        }
+        let top: Object<'a> = serde_json::from_str(payload)
+            .map_err(|e| TransformError::new(format!("payload is not a JSON object: {e}")))?;
+        top.check_unique("payload")?;
+
+        let fields = top
+            .get("fields")
+            .filter(|v| v.get().trim_start().starts_with('{'));
+        let Some(fields) = fields else {
+            // Flat record: the object itself.
+            return Ok(Record {
+                members: top.0,
+                action: None,
+            });
+        };
+        let fields: Object<'a> = serde_json::from_str(fields.get())
+            .map_err(|e| TransformError::new(format!("`fields` is not a JSON object: {e}")))?;
+        fields.check_unique("fields")?;
+        let action = match top.get("action") {
+            None => None,
+            Some(v) if v.get() == "null" => None,
+            Some(v) if v.get().starts_with('"') => Some(v),
+            Some(v) => {
+                return Err(TransformError::new(format!(
+                    "`action` must be a string, not {}",
+                    short(v.get())
+                )))
+            }
+        };
+        if action.is_some() && fields.get("action").is_some() {
+            return Err(TransformError::new(
+                "the record has both an `action` and a field named `action`; rename the field",
+            ));
+        }
+        Ok(Record {
+            members: fields.0,
+            action,
+        })
+    }
+
+    /// The record as one line of JSON, values verbatim.
+    fn write(&self) -> String {
+        write_object(&self.members, self.action)
+    }
+
+    /// The record with each value rendered as its CSV cell. Every value is
+    /// parsed the way the CSV renderer parses it, so what fails there fails
+    /// here, for this record alone.
+    fn write_cells(&self) -> Result<String, TransformError> {
+        let mut out = String::with_capacity(
+            self.members
+                .iter()
+                .map(|(k, v)| k.len() + v.get().len() + 6)
+                .sum::<usize>()
+                + 32,
+        );
+        out.push('{');
+        let action = self.action.map(|a| ("action".to_string(), a));
+        for (i, (k, v)) in self.members.iter().chain(action.iter()).enumerate() {
+            let value: serde_json::Value = serde_json::from_str(v.get()).map_err(|e| {
+                TransformError::new(format!("field `{k}` cannot be rendered as a CSV cell: {e}"))
+            })?;
+            if i > 0 {
+                out.push(',');
+            }
+            push_key(&mut out, k);
+            // Serialising a str cannot fail.
+            out.push_str(&serde_json::to_string(render_cell(&value).as_ref()).unwrap_or_default());
+        }
+        out.push('}');
+        Ok(out)
+    }
 }
 
 /// A JSON object with its members in document order and values unparsed.
@@ -204,6 +285,47 @@ mod tests {
             transform_payload(r#"{"fields":{"a\"b":1,"é\n":2}}"#).unwrap(),
             r#"{"a\"b":1,"é\n":2}"#
         );
+    }
+
+    #[test]
+    fn payloads_deeper_than_the_limit_are_refused_in_every_format() {
+        let nest = |levels: usize| {
+            format!(
+                "{{\"id\":1,\"deep\":{}{}}}",
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        // The top-level object is one level: 64 in all is accepted.
+        assert!(transform_payload(&nest(MAX_PAYLOAD_DEPTH)).is_ok());
+        for levels in [MAX_PAYLOAD_DEPTH + 1, 200, 10_000] {
+            for format in [FileFormat::Csv, FileFormat::Json, FileFormat::JsonArray] {
+                let e = transform_record(&nest(levels), format).unwrap_err();
+                assert!(
+                    e.0.contains(&format!("{levels} levels deep")),
+                    "{format:?}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn csv_lines_hold_rendered_cells_and_unrenderable_values_are_refused() {
+        let p = r#"{"fields":{"n":1e6,"ok":true,"nil":null,"tags":["a",1],"s":"x,\"y\""},"action":"insert"}"#;
+        assert_eq!(
+            transform_record(p, FileFormat::Csv).unwrap(),
+            r#"{"n":"1000000","ok":"true","nil":"","tags":"[\"a\",1]","s":"x,\"y\"","action":"insert"}"#
+        );
+        // The JSON formats keep values verbatim.
+        assert_eq!(
+            transform_record(p, FileFormat::Json).unwrap(),
+            transform_payload(p).unwrap()
+        );
+        // A number no renderer can hold passes a raw JSON scan but not CSV.
+        let huge = r#"{"id":"u1","big":1e400}"#;
+        assert!(transform_record(huge, FileFormat::Json).is_ok());
+        let e = transform_record(huge, FileFormat::Csv).unwrap_err();
+        assert!(e.0.contains("field `big` cannot be rendered"), "{e}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::pipeline::Pipelined;
 use crate::rename::PosixRename;
 use crate::render::{render, ColumnRules, RenderError};
 use crate::strays::StrayParts;
-use crate::transform::transform_payload;
+use crate::transform::transform_record;
 
 /// Bytes kept in flight to the server (see [`crate::pipeline`]); with
 /// libssh2's copy of them, this bounds an upload's buffer memory. The
@@ -150,7 +150,7 @@ impl Drop for CancelOnDrop {
 #[async_trait]
 impl Uploader for SftpUploader {
     fn transform(&self, job: &Job) -> Result<String, TransformError> {
-        transform_payload(&job.payload)
+        transform_record(&job.payload, self.shared.settings.format)
     }
 
     async fn upload(&self, batch: &StagedBatch) -> UploadOutput {
@@ -219,11 +219,24 @@ impl Uploader for SftpUploader {
                     );
                 }
                 let outcome = e.outcome();
+                let bad = match &e {
+                    SftpError::BadRecord { line, .. } => line
+                        .checked_sub(1)
+                        .and_then(|i| batch.job_ids.get(i).copied()),
+                    _ => None,
+                };
                 UploadOutput {
                     outcomes: batch
                         .job_ids
                         .iter()
-                        .map(|&id| (id, outcome.clone()))
+                        .map(|&id| {
+                            if Some(id) == bad {
+                                let why = JobError::new(ErrorCode::TransformFailed, e.to_string());
+                                (id, Outcome::Aborted(why))
+                            } else {
+                                (id, outcome.clone())
+                            }
+                        })
                         .collect(),
                     ..Default::default()
                 }
@@ -322,8 +335,12 @@ impl Shared {
                         // When the session still works, do not leave a half
                         // file behind; otherwise remove it after the next
                         // successful connect.
-                        let removed = matches!(e, SftpError::Remote { .. } | SftpError::Staging(_))
-                            && unlink_if_present(conn.sftp(), &part).is_ok();
+                        let removed = matches!(
+                            e,
+                            SftpError::Remote { .. }
+                                | SftpError::Staging(_)
+                                | SftpError::BadRecord { .. }
+                        ) && unlink_if_present(conn.sftp(), &part).is_ok();
                         if !removed {
                             self.remember_stray(&mut slot.strays, &part);
                             tracing::debug!(
@@ -504,6 +521,8 @@ impl Shared {
                 }
                 Err(if cancel.load(Ordering::Relaxed) {
                     SftpError::Cancelled
+                } else if let RenderError::BadLine { line, reason } = other {
+                    SftpError::BadRecord { line, reason }
                 } else {
                     SftpError::Staging(other.to_string())
                 })

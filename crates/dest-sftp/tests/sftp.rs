@@ -1026,8 +1026,116 @@ fn bad_records_fail_alone_in_transform() {
     assert_eq!(
         m.transform(&job(r#"{"fields":{"a":1},"action":"insert"}"#))
             .unwrap(),
-        r#"{"a":1,"action":"insert"}"#
+        r#"{"a":"1","action":"insert"}"#,
+        "a CSV line holds the rendered cells"
     );
     let e = m.transform(&job(r#"{"id": "bad-1", oops"#)).unwrap_err();
     assert!(e.0.contains("payload is not a JSON object"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_record_aborts_alone_and_the_rest_of_its_batch_is_delivered() {
+    let Some(sshd) = sshd("a_deep_record_aborts_alone_and_the_rest_of_its_batch_is_delivered")
+    else {
+        return;
+    };
+    let local = tempfile::tempdir().unwrap();
+    let deep = format!(
+        "{{\"id\":\"deep\",\"v\":{}1{}}}",
+        "[".repeat(199),
+        "]".repeat(199)
+    );
+    let huge_number = r#"{"id":"huge","v":1e400}"#.to_string();
+    for format in ["csv", "json", "jsonArray"] {
+        let dir = remote_dir(&sshd, &format!("poison-{format}"));
+        let (u, _) = uploader(&key_config(
+            &sshd,
+            format,
+            &format!("{}/{{batchID}}.out", dir.display()),
+        ));
+        let mut payloads: Vec<String> = (0..5).map(|i| format!("{{\"id\":\"u{i}\"}}")).collect();
+        payloads.insert(2, deep.clone());
+        if format == "csv" {
+            payloads.insert(4, huge_number.clone());
+        }
+        let (batch, aborted) =
+            common::stage_like_router(&u, local.path(), &format!("b-{format}"), T, payloads);
+        let expected_aborted: Vec<i64> = if format == "csv" { vec![3, 5] } else { vec![3] };
+        assert_eq!(
+            aborted.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            expected_aborted,
+            "{format}"
+        );
+        for (_, e) in &aborted {
+            assert_eq!(e.code, ErrorCode::TransformFailed, "{format}");
+        }
+        assert!(
+            aborted[0].1.message.contains("200 levels deep"),
+            "{aborted:?}"
+        );
+        assert_eq!(batch.job_ids.len(), 5, "{format}");
+
+        let out = u.upload(&batch).await;
+        assert!(
+            matches!(
+                sole_outcome(&batch.job_ids, &out),
+                Outcome::Succeeded { .. }
+            ),
+            "{format}: {out:?}"
+        );
+        let text = String::from_utf8(sshd.download(&dir.join(format!("b-{format}.out"))).unwrap())
+            .unwrap();
+        for i in 0..5 {
+            assert!(text.contains(&format!("u{i}")), "{format}: {text}");
+        }
+        assert!(
+            !text.contains("deep") && !text.contains("huge"),
+            "{format}: {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_line_that_cannot_be_rendered_aborts_only_its_own_job() {
+    let Some(sshd) = sshd("a_staged_line_that_cannot_be_rendered_aborts_only_its_own_job") else {
+        return;
+    };
+    // Transform never stages such a line; this is the safety net behind it.
+    let dir = remote_dir(&sshd, "unrenderable");
+    let local = tempfile::tempdir().unwrap();
+    let (u, _) = uploader(&key_config(
+        &sshd,
+        "csv",
+        &format!("{}/{{batchID}}.csv", dir.display()),
+    ));
+    let path = local.path().join("b-bad.staged");
+    let deep = format!("{{\"v\":{}1{}}}", "[".repeat(199), "]".repeat(199));
+    std::fs::write(
+        &path,
+        format!("{{\"id\":\"u1\"}}\n{deep}\n{{\"id\":\"u3\"}}\n"),
+    )
+    .unwrap();
+    let batch = batchrouter_core::StagedBatch {
+        batch_id: "b-bad".into(),
+        destination_id: "sftp-test".into(),
+        destination_type: "SFTP".into(),
+        bytes: std::fs::metadata(&path).unwrap().len(),
+        path,
+        job_ids: vec![11, 12, 13],
+        attempt: 1,
+        created_at: T,
+    };
+    let out = u.upload(&batch).await;
+    validate_upload_output(&batch.job_ids, &out).unwrap();
+    for (id, o) in &out.outcomes {
+        match (id, o) {
+            (12, Outcome::Aborted(e)) => {
+                assert_eq!(e.code, ErrorCode::TransformFailed);
+                assert!(e.message.contains("staged line 2"), "{}", e.message);
+            }
+            (11 | 13, Outcome::Failed(e)) => assert_eq!(e.code, ErrorCode::Internal),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(files_below(&dir), Vec::<String>::new(), "nothing published");
 }

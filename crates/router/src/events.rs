@@ -56,7 +56,7 @@ pub enum UploadResult {
     Failed,
     /// The destination throttled the whole batch.
     Throttled,
-    /// The upload exceeded `asyncUploadTimeout`.
+    /// The upload exceeded `uploadCallTimeout`.
     Timeout,
     /// The manager broke the output contract.
     InvalidOutput,

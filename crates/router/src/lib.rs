@@ -12,6 +12,7 @@
 //!                                               └─▶ import ─▶ poll ─▶ stats ─▶ outcome
 //! ```
 
+pub mod crash;
 pub mod events;
 pub mod factory;
 pub mod metrics;
@@ -28,7 +29,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use batchrouter_core::{AsyncDestinationManager, JobState, JobStore, StoreError, Timestamp};
+use batchrouter_core::{
+    AsyncDestinationManager, ErrorCode, JobState, JobStore, StoreError, Timestamp,
+};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +60,10 @@ pub(crate) struct Destination {
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn JobStore>,
     pub(crate) owner: String,
+    /// This owner's staging folder (`staging::owner_dir`).
     pub(crate) staging_dir: PathBuf,
+    /// Holds the folder's lock while any task may still stage into it.
+    pub(crate) _staging: staging::OwnerStaging,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -78,15 +84,27 @@ pub enum RouterError {
 /// Router-wide options.
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
-    /// Lease owner name; unique per process.
+    /// Lease owner name (this daemon's identity): unique among the daemons
+    /// running on one store. A stable one (see [`instance_owner`]) lets a
+    /// restarted daemon take back its own leases at once.
     pub owner: String,
-    /// Where staged files go (a subdirectory per destination).
+    /// Where staged files go (`by-owner/<owner>/<destination>/` under it).
     pub staging_dir: PathBuf,
-    /// Terminal jobs older than this are deleted.
+    /// Terminal jobs completed longer ago than this are deleted (`finishedJobRetention`).
+    pub finished_job_retention: Duration,
+    /// `waiting`/`failed` jobs older than this are aborted with code
+    /// `expired` (`jobRetention`, RudderStack's meaning), configured
+    /// destination or not.
     pub job_retention: Duration,
-    /// How often maintenance runs (lease reclaim, gauges, retention).
+    /// How often maintenance runs at most (lease reclaim, gauges, expiry,
+    /// retention); it also runs at least twice per shortest `leaseTimeout`.
     pub maintenance_interval: Duration,
 }
+
+/// Default `finishedJobRetention`: 7 days.
+pub const DEFAULT_FINISHED_JOB_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+/// Default `jobRetention` (RudderStack's): 720 hours.
+pub const DEFAULT_JOB_RETENTION: Duration = Duration::from_secs(720 * 3_600);
 
 impl RouterOptions {
     /// Defaults with a unique owner and staging under the system temp dir.
@@ -94,7 +112,8 @@ impl RouterOptions {
         RouterOptions {
             owner: default_owner(),
             staging_dir: std::env::temp_dir().join("batchrouter-staging"),
-            job_retention: RouterSettings::default().job_retention,
+            finished_job_retention: DEFAULT_FINISHED_JOB_RETENTION,
+            job_retention: DEFAULT_JOB_RETENTION,
             maintenance_interval: Duration::from_secs(10),
         }
     }
@@ -104,6 +123,13 @@ impl Default for RouterOptions {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A stable lease owner for a configured instance id (e.g. a StatefulSet
+/// pod name): the same after a restart, so the new process takes back what
+/// the old one held at once instead of waiting for its leases to expire.
+pub fn instance_owner(instance_id: &str) -> String {
+    format!("instance:{}", instance_id.trim())
 }
 
 /// A unique lease owner: host, pid and a random suffix.
@@ -167,18 +193,41 @@ impl RouterBuilder {
         }
         std::fs::create_dir_all(&self.options.staging_dir)
             .map_err(|e| RouterError::Staging(self.options.staging_dir.clone(), e))?;
-        let report = self.store.recover(Timestamp::now()).await?;
+        let now = Timestamp::now();
+        let expired = self.store.recover(now).await?;
+        // Whatever this identity held belongs to an earlier run of this
+        // daemon (a crash or kill): nothing of it is in progress any more.
+        let own = self.store.release_owner(&self.options.owner, now).await?;
         tracing::info!(
             owner = %self.options.owner,
-            jobs_released = report.jobs_released,
-            imports_resumed = report.imports_released,
-            slots_released = report.slots_released,
+            jobs_released = expired.jobs_released + own.jobs_released,
+            imports_resumed = expired.imports_released + own.imports_released,
+            slots_released = expired.slots_released + own.slots_released,
+            own_leases_released = own.jobs_released + own.imports_released + own.slots_released,
             "Router recovered leases from earlier runs."
+        );
+        // Staged files a crash left behind: this identity's, and those of
+        // every identity no running process holds (see `staging`).
+        let (root, owner) = (self.options.staging_dir.clone(), self.options.owner.clone());
+        let (own_staging, removed) = tokio::task::spawn_blocking(move || {
+            staging::OwnerStaging::open(&root, &owner, Duration::from_secs(3))
+        })
+        .await
+        .map_err(|e| RouterError::Staging(self.options.staging_dir.clone(), e.into()))?
+        .map_err(|e| RouterError::Staging(self.options.staging_dir.clone(), e))?;
+        tracing::info!(
+            dir = %own_staging.dir().display(),
+            files_removed = removed.files,
+            bytes_removed = removed.bytes,
+            stopped_owners_removed = removed.stopped_owners,
+            live_owners_kept = removed.live_owners,
+            "Removed staged files left by stopped runs."
         );
         let shared = Arc::new(Shared {
             store: self.store.clone(),
             owner: self.options.owner.clone(),
-            staging_dir: self.options.staging_dir.clone(),
+            staging_dir: own_staging.dir().to_path_buf(),
+            _staging: own_staging,
             shutdown: CancellationToken::new(),
         });
         let mut dests = BTreeMap::new();
@@ -199,12 +248,27 @@ impl RouterBuilder {
             tasks.push(tokio::spawn(poller::run(d.clone(), shared.clone())));
             dests.insert(id, d);
         }
+        // Takeover of a dead daemon's jobs happens within leaseTimeout plus
+        // one maintenance round, so a round never lasts long next to a lease.
+        let shortest_lease = dests
+            .values()
+            .map(|d| d.settings.lease_timeout)
+            .min()
+            .unwrap_or(self.options.maintenance_interval);
+        let every = self
+            .options
+            .maintenance_interval
+            .min(shortest_lease / 2)
+            .max(Duration::from_millis(50));
         let maintenance = tokio::spawn(maintenance(
             shared.clone(),
             dests.clone(),
             self.metrics.clone(),
-            self.options.job_retention,
-            self.options.maintenance_interval,
+            Retention {
+                finished: self.options.finished_job_retention,
+                unprocessed: self.options.job_retention,
+            },
+            every,
         ));
         let handle = RouterHandle {
             shared: shared.clone(),
@@ -321,21 +385,31 @@ impl Router {
     }
 }
 
+/// How long jobs are kept, by kind.
+#[derive(Clone, Copy)]
+struct Retention {
+    /// Terminal jobs are deleted this long after they completed.
+    finished: Duration,
+    /// Unprocessed jobs are aborted (`expired`) this long after they were created.
+    unprocessed: Duration,
+}
+
 async fn maintenance(
     shared: Arc<Shared>,
     dests: BTreeMap<String, Arc<Destination>>,
     metrics: Arc<Metrics>,
-    retention: Duration,
+    retention: Retention,
     every: Duration,
 ) {
     let mut last_sweep: Option<std::time::Instant> = None;
     loop {
         let now = Timestamp::now();
         match shared.store.reclaim_expired(now).await {
-            Ok(r) if r.jobs_released + r.imports_released > 0 => {
+            Ok(r) if r.jobs_released + r.imports_released + r.slots_released > 0 => {
                 tracing::warn!(
                     jobs = r.jobs_released,
                     imports = r.imports_released,
+                    slots = r.slots_released,
                     "Took back work whose lease expired (its holder stopped renewing)."
                 );
                 for d in dests.values() {
@@ -349,7 +423,8 @@ async fn maintenance(
         refresh_gauges(&shared, &dests, &metrics).await;
         if last_sweep.is_none_or(|t| t.elapsed() >= Duration::from_secs(600).min(every * 60)) {
             last_sweep = Some(std::time::Instant::now());
-            sweep(&shared, now - retention).await;
+            expire(&shared, &dests, &metrics, now, retention.unprocessed).await;
+            sweep(&shared, now - retention.finished).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -383,6 +458,67 @@ async fn refresh_gauges(
             .imports_in_progress
             .with_label_values(&[&*d.kind, id.as_str()])
             .set(c.map_or(0, |c| c.imports_in_flight) as i64);
+    }
+}
+
+/// Aborts `waiting`/`failed` jobs older than `jobRetention` (code
+/// `expired`), for every destination id in the store, configured or not:
+/// a job nobody can send must not wait forever. Counted per destination in
+/// `jobs_total{state="aborted"}` and `job_errors_total{code="expired"}`
+/// (destination type `unconfigured` when no destination has that id).
+async fn expire(
+    shared: &Shared,
+    dests: &BTreeMap<String, Arc<Destination>>,
+    metrics: &Metrics,
+    now: Timestamp,
+    retention: Duration,
+) {
+    const BATCH: usize = 10_000;
+    let Some(before) = now
+        .as_millis()
+        .checked_sub(retention.as_millis().min(i64::MAX as u128) as i64)
+    else {
+        return;
+    };
+    let message = format!(
+        "waited longer than jobRetention ({}) without being delivered; re-drive it to try again",
+        settings::fmt_duration(retention)
+    );
+    loop {
+        let counts = match shared
+            .store
+            .expire_jobs(Timestamp(before), &message, now, BATCH)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "Expiry of old unprocessed jobs failed.");
+                return;
+            }
+        };
+        let total: u64 = counts.values().sum();
+        for (id, n) in &counts {
+            let kind = dests.get(id).map_or("unconfigured", |d| &*d.kind);
+            metrics
+                .jobs_total
+                .with_label_values(&[kind, id.as_str(), JobState::Aborted.as_str()])
+                .inc_by(*n);
+            metrics
+                .job_errors
+                .with_label_values(&[kind, id.as_str(), ErrorCode::Expired.as_str()])
+                .inc_by(*n);
+            tracing::warn!(
+                destination_id = %id,
+                destination_type = kind,
+                configured = dests.contains_key(id),
+                jobs = n,
+                job_retention = %settings::fmt_duration(retention),
+                "Aborted jobs that waited longer than jobRetention (error code expired)."
+            );
+        }
+        if (total as usize) < BATCH || shared.shutdown.is_cancelled() {
+            return;
+        }
     }
 }
 

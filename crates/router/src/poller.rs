@@ -1,6 +1,8 @@
 //! The per-destination poll loop: polls imports in flight, fetches per-job
 //! stats when they complete and writes every job's outcome. A poll that
 //! errors never fails an import: it is retried until the import deadline.
+//! Past the deadline an unfinished import is retried (uploaded again) and a
+//! completed one whose results cannot be read is aborted (`results_unavailable`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -18,11 +20,50 @@ use crate::events::{FencedWritesRejected, PollFinished, PollResult, StateChanges
 use crate::retry;
 use crate::{Destination, Shared};
 
-/// Imports are claimed one at a time, right before they are polled, with a
-/// lease that outlasts the slowest poll plus stats fetch (each bounded by
-/// `asyncUploadTimeout`), so a lease never expires under work in progress.
+/// Imports are claimed one at a time, right before they are polled, for
+/// `leaseTimeout`; [`with_import_lease`] renews the lease while the poll,
+/// the stats fetch and the outcome write run, so a slow destination never
+/// needs a long lease and a dead poller's import is free within `leaseTimeout`.
 fn import_lease(s: &crate::RouterSettings) -> std::time::Duration {
-    s.lease_timeout + s.upload_timeout * 2
+    s.lease_timeout
+}
+
+/// Runs `work` on import `import_id` while renewing its lease every third of
+/// `leaseTimeout` (a heartbeat; fenced, so a lease another daemon took over
+/// is never renewed).
+async fn with_import_lease<T>(
+    dest: &Destination,
+    shared: &Shared,
+    import_id: batchrouter_core::ImportId,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = (dest.settings.lease_timeout / 3).max(Duration::from_millis(10));
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(every) => {
+                let renewal = batchrouter_core::store::LeaseRenewal {
+                    owner: shared.owner.clone(),
+                    imports: vec![import_id],
+                    lease_until: Timestamp::now() + dest.settings.lease_timeout,
+                    ..Default::default()
+                };
+                match shared.store.renew_leases(renewal).await {
+                    Ok(r) if r.imports == 0 => FencedWritesRejected {
+                        stage: "lease",
+                        count: 1,
+                    }
+                    .emit(&dest.events),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        destination_id = %dest.id, import_id, error = %e,
+                        "Could not renew an import's lease."
+                    ),
+                }
+            }
+        }
+    }
 }
 
 pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
@@ -44,7 +85,7 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
             }
         };
         if let Some(imp) = claimed.into_iter().next() {
-            poll_one(&dest, &shared, imp).await;
+            with_import_lease(&dest, &shared, imp.id, poll_one(&dest, &shared, imp)).await;
             continue;
         }
         let now = Timestamp::now();
@@ -164,6 +205,7 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             .await;
         }
         Ok(PollStatus::Complete { has_failures }) => {
+            crate::crash::point("after_poll_complete");
             let stats = if has_failures {
                 match tokio::time::timeout(s.upload_timeout, dest.manager.get_upload_stats(&handle))
                     .await
@@ -177,8 +219,15 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
                 Ok(UploadStats::default())
             };
             match stats {
+                // The destination imported the batch; only its per-record
+                // results are missing. Past the deadline the import ends so
+                // its slot is freed, and its jobs are not uploaded again.
+                Err(e) if Timestamp::now() >= imp.deadline_at => {
+                    results_unavailable(dest, shared, &imp, &infos, &e).await
+                }
                 Err(e) => poll_error(dest, shared, &imp, &e, "stats").await,
                 Ok(stats) => {
+                    crate::crash::point("after_stats");
                     PollFinished {
                         import_id: imp.id,
                         result: PollResult::Complete,
@@ -236,6 +285,58 @@ async fn deadline_passed(
         poll_errors: imp.poll_errors,
     }
     .emit(&dest.events);
+    finish(
+        dest,
+        shared,
+        imp,
+        infos,
+        ImportState::Failed,
+        Some(error),
+        transitions,
+    )
+    .await;
+}
+
+/// An import that completed but whose per-record results could not be read
+/// before `asyncImportDeadline`: it ends `failed` and every job is aborted
+/// with `results_unavailable` (re-drivable, never re-uploaded automatically,
+/// since the destination did import them).
+async fn results_unavailable(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    infos: &[AttemptInfo],
+    last: &DestinationError,
+) {
+    let error = JobError::new(
+        ErrorCode::ResultsUnavailable,
+        format!(
+            "import {} completed but its per-record results could not be read within \
+             asyncImportDeadline ({}); not uploaded again, re-drive to send again; \
+             last error fetching them ({}): {}",
+            imp.id,
+            crate::settings::fmt_duration(dest.settings.import_deadline),
+            last.code(),
+            last.message()
+        ),
+    );
+    PollFinished {
+        import_id: imp.id,
+        result: PollResult::DeadlineExceeded,
+        progress: None,
+        error: Some(&error.message),
+        poll_errors: imp.poll_errors + 1,
+    }
+    .emit(&dest.events);
+    let transitions = infos
+        .iter()
+        .map(|j| JobTransition {
+            job_id: j.job_id,
+            to: Transition::Aborted {
+                error: error.clone(),
+            },
+        })
+        .collect();
     finish(
         dest,
         shared,

@@ -1,5 +1,5 @@
-//! Retry decisions: exponential backoff with jitter, bounded by the attempt
-//! budget and the retry window. Pure functions, so they are tested exactly.
+//! Retry decisions: exponential backoff with jitter, until both the attempt
+//! budget and the retry window are spent. Pure functions, so they are tested exactly.
 
 use std::time::Duration;
 
@@ -22,8 +22,10 @@ pub fn backoff(settings: &RouterSettings, attempt: u32, rand01: f64) -> Duration
 }
 
 /// Where a job goes after a retryable failure: back to `failed` with a due
-/// time, or `aborted` with `retries_exhausted` when the budget or the
-/// window is spent. `attempts` already counts the upload that just failed.
+/// time, or `aborted` with `retries_exhausted` once the budget **and** the
+/// window are both spent (RudderStack's rule: a job is given up only after
+/// more than `maxRetries` retries and `retryTimeWindow` since its first
+/// upload). `attempts` already counts the upload that just failed.
 pub fn after_failure(
     settings: &RouterSettings,
     job: &AttemptInfo,
@@ -36,19 +38,21 @@ pub fn after_failure(
     let window_start = job.first_attempt_at.unwrap_or(job.created_at);
     let budget_spent = used > settings.max_retries;
     let window_spent = now.since(window_start) >= settings.retry_time_window;
-    if budget_spent || window_spent {
-        let why = if budget_spent {
-            format!("gave up after {used} upload attempt(s)")
-        } else {
-            format!(
-                "gave up after the {} retry window",
-                crate::settings::fmt_duration(settings.retry_time_window)
-            )
-        };
+    if budget_spent && window_spent {
         return Transition::Aborted {
             error: JobError::new(
                 ErrorCode::RetriesExhausted,
-                format!("{why}; last error ({}): {}", error.code, error.message),
+                format!(
+                    "gave up after {used} upload attempt(s) over {} (maxRetries {} and \
+                     retryTimeWindow {} both spent); last error ({}): {}",
+                    crate::settings::fmt_duration(Duration::from_secs(
+                        now.since(window_start).as_secs()
+                    )),
+                    settings.max_retries,
+                    crate::settings::fmt_duration(settings.retry_time_window),
+                    error.code,
+                    error.message
+                ),
             ),
         };
     }
@@ -99,8 +103,11 @@ mod tests {
     }
 
     #[test]
-    fn budget_allows_one_plus_max_retries_uploads() {
-        let s = settings();
+    fn budget_allows_one_plus_max_retries_uploads_once_the_window_is_spent() {
+        let s = RouterSettings {
+            retry_time_window: Duration::ZERO,
+            ..settings()
+        };
         let err = JobError::new(ErrorCode::DestinationUnavailable, "HTTP 503");
         let now = Timestamp(1000);
         for attempts in 1..=3 {
@@ -133,14 +140,36 @@ mod tests {
     }
 
     #[test]
-    fn window_exhaustion_aborts_and_retry_after_is_honoured() {
+    fn a_job_is_given_up_only_when_budget_and_window_are_both_spent() {
+        let s = settings(); // 3 retries, 1 h window
+        let err = JobError::new(ErrorCode::DestinationUnavailable, "HTTP 503");
+        let early = Timestamp(60_000);
+        let late = Timestamp(3_600_000);
+        // Budget spent, window not: retried (RudderStack's rule).
+        assert!(matches!(
+            after_failure(&s, &info(10, 0, 0), err.clone(), early, None, 0.5),
+            Transition::Failed { .. }
+        ));
+        // Window spent, budget not: retried.
+        assert!(matches!(
+            after_failure(&s, &info(2, 0, 0), err.clone(), late, None, 0.5),
+            Transition::Failed { .. }
+        ));
+        // Both: aborted, saying why.
+        match after_failure(&s, &info(4, 0, 0), err, late, None, 0.5) {
+            Transition::Aborted { error } => {
+                assert_eq!(error.code, ErrorCode::RetriesExhausted);
+                assert!(error.message.contains("both spent"), "{}", error.message);
+                assert!(error.message.contains("over 1h"), "{}", error.message);
+            }
+            other => panic!("expected abort, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
         let s = settings();
         let err = JobError::new(ErrorCode::Throttled, "429");
-        let late = Timestamp(3_600_000);
-        assert!(matches!(
-            after_failure(&s, &info(1, 0, 0), err.clone(), late, None, 0.0),
-            Transition::Aborted { .. }
-        ));
         let now = Timestamp(10_000);
         match after_failure(&s, &info(1, 0, 0), err, now, Some(Timestamp(100_000)), 0.0) {
             Transition::Failed {

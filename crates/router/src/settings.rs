@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use batchrouter_core::lookup::{ByteSize, KeyLookup, LookupError};
+use batchrouter_core::lookup::{ByteSize, ConfigSource, KeyLookup, LookupError};
 use batchrouter_core::ManagerLimits;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -32,25 +32,209 @@ pub struct KeySpec {
     pub doc: &'static str,
 }
 
-/// Every router key. Per-destination keys may be overridden per type and
-/// per destination; `jobRetention` applies to the whole store.
+/// Every router key under its primary name. Per-destination keys may be
+/// overridden per type and per destination; `finishedJobRetention` and
+/// `jobRetention` apply to the whole store. Names shared with RudderStack's `BatchRouter.*` keys
+/// mean what they mean there (see docs/configuration.md).
 pub const KEYS: &[KeySpec] = &[
     KeySpec { name: "maxEventsInABatch", kind: KeyKind::Count(10_000), doc: "Jobs per staged batch before it is cut." },
     KeySpec { name: "MaxUploadLimit", kind: KeyKind::Bytes(32 << 20), doc: "Staged bytes per batch before it is cut (a destination may ask for less)." },
-    KeySpec { name: "uploadFreq", kind: KeyKind::Duration(Duration::from_secs(30), SEC), doc: "Cut a batch this long after its first line even if it is not full." },
+    KeySpec { name: "asyncUploadTimeout", kind: KeyKind::Duration(Duration::from_secs(30), MIN), doc: "Upload a staged batch this long after its first line even if it is not full." },
     KeySpec { name: "minIdleSleep", kind: KeyKind::Duration(Duration::from_secs(2), SEC), doc: "How often an idle worker looks for new jobs (new jobs from the API wake it at once)." },
     KeySpec { name: "pollStatusLoopSleep", kind: KeyKind::Duration(Duration::from_secs(10), SEC), doc: "Time between polls of an import in progress." },
     KeySpec { name: "minRetryBackoff", kind: KeyKind::Duration(Duration::from_secs(10), SEC), doc: "First retry delay; doubles per attempt, with jitter." },
     KeySpec { name: "maxRetryBackoff", kind: KeyKind::Duration(Duration::from_secs(300), SEC), doc: "Longest retry delay." },
-    KeySpec { name: "maxRetries", kind: KeyKind::Count(3), doc: "Retries after the first upload; a job is uploaded at most 1 + maxRetries times." },
-    KeySpec { name: "retryTimeWindow", kind: KeyKind::Duration(Duration::from_secs(180 * 60), MIN), doc: "After this long since the first upload a failing job is aborted (retries_exhausted)." },
-    KeySpec { name: "asyncUploadTimeout", kind: KeyKind::Duration(Duration::from_secs(10 * 60), MIN), doc: "An upload taking longer fails (deadline_exceeded) and is retried." },
-    KeySpec { name: "asyncImportDeadline", kind: KeyKind::Duration(Duration::from_secs(3 * 3600), MIN), doc: "An import still in progress after this fails (deadline_exceeded) and is retried." },
+    KeySpec { name: "maxRetries", kind: KeyKind::Count(3), doc: "Retries after the first upload before a failing job may be given up (with retryTimeWindow)." },
+    KeySpec { name: "retryTimeWindow", kind: KeyKind::Duration(Duration::from_secs(180 * 60), MIN), doc: "A failing job is aborted (retries_exhausted) once this long has passed since its first upload and maxRetries are spent." },
+    KeySpec { name: "uploadCallTimeout", kind: KeyKind::Duration(Duration::from_secs(10 * 60), MIN), doc: "An upload (or one poll or stats call) taking longer fails (deadline_exceeded) and is retried." },
+    KeySpec { name: "asyncImportDeadline", kind: KeyKind::Duration(Duration::from_secs(3 * 3600), MIN), doc: "An import still in progress after this fails (deadline_exceeded) and is retried; one whose results cannot be read is aborted (results_unavailable)." },
     KeySpec { name: "maxConcurrentImports", kind: KeyKind::Count(1), doc: "Uploads plus imports in flight per destination; 1 = sync (ordered), more = pipelined." },
     KeySpec { name: "leaseTimeout", kind: KeyKind::Duration(Duration::from_secs(300), SEC), doc: "Claimed jobs and polled imports are taken back this long after their holder stops renewing." },
     KeySpec { name: "shutdownTimeout", kind: KeyKind::Duration(Duration::from_secs(30), SEC), doc: "Graceful shutdown waits this long for uploads in flight." },
-    KeySpec { name: "jobRetention", kind: KeyKind::Duration(Duration::from_secs(7 * 86400), HOUR), doc: "Terminal jobs older than this are deleted (store-wide)." },
+    KeySpec { name: "finishedJobRetention", kind: KeyKind::Duration(Duration::from_secs(7 * 86400), HOUR), doc: "Finished jobs (succeeded, aborted) older than this are deleted (store-wide)." },
+    KeySpec { name: "jobRetention", kind: KeyKind::Duration(Duration::from_secs(720 * 3600), HOUR), doc: "Waiting or failed jobs older than this are aborted (expired), configured destination or not (store-wide; RudderStack's meaning)." },
 ];
+
+/// Another name read for one of [`KEYS`]: RudderStack's name (or our own
+/// earlier one) with its own unit for bare numbers.
+#[derive(Clone, Copy, Debug)]
+pub struct Alias {
+    /// The name as written under `[BatchRouter]` or in a `router` table.
+    pub name: &'static str,
+    /// The primary key it sets.
+    pub of: &'static str,
+    /// For durations, the unit of a bare number.
+    pub bare_unit: Option<Duration>,
+    /// Wins over the primary name when both are set at the same level.
+    pub wins: bool,
+    /// One line for docs.
+    pub doc: &'static str,
+}
+
+/// Names read for a primary key. At the level that sets any of a key's
+/// names, the first in precedence is used: aliases that `wins`, the primary
+/// name, then the others (for `MaxUploadLimit` and `maxPayloadSizeInBytes`,
+/// both caps, the smaller value wins).
+pub const ALIASES: &[Alias] = &[
+    Alias { name: "uploadInterval", of: "asyncUploadTimeout", bare_unit: Some(MIN), wins: true, doc: "RudderStack's per-destination upload interval (bare: minutes)." },
+    Alias { name: "uploadFreqInS", of: "asyncUploadTimeout", bare_unit: Some(SEC), wins: false, doc: "Read as the batch age when no asyncUploadTimeout is set at the same or a more specific level (bare: seconds)." },
+    Alias { name: "uploadFreq", of: "asyncUploadTimeout", bare_unit: Some(SEC), wins: false, doc: "Read as the batch age when no asyncUploadTimeout is set at the same or a more specific level (bare: seconds)." },
+    Alias { name: "maxPayloadSizeInBytes", of: "MaxUploadLimit", bare_unit: None, wins: true, doc: "RudderStack's staged-bytes cap; with MaxUploadLimit at the same level the smaller wins." },
+    Alias { name: "maxFailedCountForJob", of: "maxRetries", bare_unit: None, wins: true, doc: "RudderStack's attempt count: maxRetries = maxFailedCountForJob - 1." },
+    Alias { name: "retryTimeWindowInMins", of: "retryTimeWindow", bare_unit: Some(MIN), wins: false, doc: "RudderStack's older name for retryTimeWindow (bare: minutes)." },
+];
+
+/// A RudderStack `BatchRouter.*` key batchrouter accepts but does not use,
+/// with the reason; setting one logs a warning at startup.
+#[derive(Clone, Copy, Debug)]
+pub struct IgnoredKey {
+    /// The key after `BatchRouter.` (or `BatchRouter.<TYPE>.`).
+    pub name: &'static str,
+    /// Why it has no effect here, and what to use instead.
+    pub why: &'static str,
+}
+
+const NO_PARTITION_BUFFER: &str =
+    "jobs are staged as soon as they are claimed; there is no in-memory partition buffer";
+const NO_LIMITER: &str = "concurrency is per destination: maxConcurrentImports, and each destination's own request limits";
+const NO_BREAKER: &str = "there is no circuit breaker: failed uploads back off per job (minRetryBackoff, maxRetryBackoff) and throttling pauses the destination";
+const NO_RSOURCES: &str = "jobs carry no source job run id; every job uses maxRetries (maxFailedCountForJob) and retryTimeWindow";
+
+/// Every RudderStack `BatchRouter.*` key that has no effect here.
+pub const IGNORED_RUDDERSTACK_KEYS: &[IgnoredKey] = &[
+    IgnoredKey { name: "asyncUploadWorkerTimeout", why: "batches are uploaded as soon as they are due (count, bytes or asyncUploadTimeout); there is no upload tick" },
+    IgnoredKey { name: "maxImportingQueryIterations", why: "an import's jobs are read by import id in one query" },
+    IgnoredKey { name: "jobQueryBatchSize", why: "a worker claims at most maxEventsInABatch jobs at a time" },
+    IgnoredKey { name: "PayloadLimit", why: "claims are bounded by maxEventsInABatch and MaxUploadLimit" },
+    IgnoredKey { name: "pingFrequency", why: "every destination has its own worker; there is no partition ping loop" },
+    IgnoredKey { name: "partitionWorker.maxJobsToBuffer", why: NO_PARTITION_BUFFER },
+    IgnoredKey { name: "partitionWorker.concurrency", why: NO_PARTITION_BUFFER },
+    IgnoredKey { name: "partitionWorker.addJobMaxDelaySeconds", why: NO_PARTITION_BUFFER },
+    IgnoredKey { name: "Limiter.read.limit", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.upload.limit", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.process.limit", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.read.dynamicPeriod", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.upload.dynamicPeriod", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.process.dynamicPeriod", why: NO_LIMITER },
+    IgnoredKey { name: "Limiter.statsPeriod", why: NO_LIMITER },
+    IgnoredKey { name: "timeout", why: NO_BREAKER },
+    IgnoredKey { name: "maxConsecutiveFailures", why: NO_BREAKER },
+    IgnoredKey { name: "isolationMode", why: "work is always isolated per destination (RudderStack's `destination` mode)" },
+    IgnoredKey { name: "httpTimeout", why: "each destination's config sets its own timeouts (e.g. HTTP `timeout`, Marketo and Klaviyo `requestTimeout`)" },
+    IgnoredKey { name: "RSources.maxFailedCountForJob", why: NO_RSOURCES },
+    IgnoredKey { name: "RSources.retryTimeWindow", why: NO_RSOURCES },
+    IgnoredKey { name: "RSources.retryTimeWindowInMins", why: NO_RSOURCES },
+    IgnoredKey { name: "MaxEventsLimit", why: "RudderStack reads it only for Bing Ads and Eloqua, which batchrouter does not implement; use maxEventsInABatch" },
+    IgnoredKey { name: "SuccessStatusCode", why: "RudderStack reads it only for Eloqua, which batchrouter does not implement" },
+];
+
+/// Every name of a primary key in precedence order (see [`ALIASES`]).
+fn names_of(primary: &str) -> Vec<&str> {
+    let of = |wins: bool| {
+        ALIASES
+            .iter()
+            .filter(move |a| a.of == primary && a.wins == wins)
+            .map(|a| a.name)
+    };
+    of(true).chain([primary]).chain(of(false)).collect()
+}
+
+/// Every name accepted as a router key: [`KEYS`] and [`ALIASES`].
+pub fn accepted_names() -> Vec<&'static str> {
+    KEYS.iter()
+        .map(|k| k.name)
+        .chain(ALIASES.iter().map(|a| a.name))
+        .collect()
+}
+
+/// The ignored RudderStack key `name` (relative to `BatchRouter.` or
+/// `BatchRouter.<TYPE>.`; `RSources.<TYPE>.key` counts as `RSources.key`).
+pub fn ignored_key(name: &str) -> Option<&'static IgnoredKey> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let normal = match parts.as_slice() {
+        ["RSources", _, key] => format!("RSources.{key}"),
+        _ => name.to_string(),
+    };
+    IGNORED_RUDDERSTACK_KEYS.iter().find(|k| k.name == normal)
+}
+
+/// Whether a table named `name` under `[BatchRouter]` holds ignored keys
+/// (`partitionWorker`, `Limiter`, `RSources`).
+pub fn is_ignored_prefix(name: &str) -> bool {
+    IGNORED_RUDDERSTACK_KEYS
+        .iter()
+        .any(|k| k.name.starts_with(&format!("{name}.")))
+}
+
+/// An ignored RudderStack key that is set, for the startup warning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IgnoredSetting {
+    /// The full key as set (`BatchRouter.isolationMode`).
+    pub key: String,
+    /// Where it was set (an environment variable, the config file, a router table).
+    pub origin: String,
+    /// Why it has no effect.
+    pub why: &'static str,
+}
+
+impl std::fmt::Display for IgnoredSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RudderStack key {} is set ({}) but ignored: {}",
+            self.key, self.origin, self.why
+        )
+    }
+}
+
+/// Every ignored RudderStack key set in `source`, globally or for one of
+/// `types` (environment under either name, or the file).
+pub fn ignored_in(source: &dyn ConfigSource, types: &[&str]) -> Vec<IgnoredSetting> {
+    let mut found = Vec::new();
+    for k in IGNORED_RUDDERSTACK_KEYS {
+        let mut candidates = vec![format!("BatchRouter.{}", k.name)];
+        for t in types {
+            candidates.push(format!("BatchRouter.{t}.{}", k.name));
+            if let Some(rest) = k.name.strip_prefix("RSources.") {
+                candidates.push(format!("BatchRouter.RSources.{t}.{rest}"));
+            }
+        }
+        for key in candidates {
+            if let Some((_, origin)) = source.get(&key) {
+                found.push(IgnoredSetting {
+                    key,
+                    origin,
+                    why: k.why,
+                });
+            }
+        }
+    }
+    found
+}
+
+/// Ignored RudderStack keys in a destination's own `router` table.
+pub fn ignored_in_router_table(
+    destination_id: &str,
+    router: &std::collections::BTreeMap<String, String>,
+) -> Vec<IgnoredSetting> {
+    router
+        .keys()
+        .filter_map(|name| {
+            ignored_key(name).map(|k| IgnoredSetting {
+                key: name.clone(),
+                origin: format!("router table of destination `{destination_id}`"),
+                why: k.why,
+            })
+        })
+        .collect()
+}
+
+/// Logs one warning per ignored key that is set, naming the key.
+pub fn warn_ignored(settings: &[IgnoredSetting]) {
+    for s in settings {
+        tracing::warn!(key = %s.key, origin = %s.origin, "{s}");
+    }
+}
 
 /// Resolved tunables for one destination.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +243,7 @@ pub struct RouterSettings {
     pub max_events_in_batch: usize,
     /// See [`KEYS`].
     pub max_upload_bytes: u64,
-    /// See [`KEYS`].
+    /// `asyncUploadTimeout`: a staged batch is uploaded this long after its first line.
     pub upload_freq: Duration,
     /// See [`KEYS`].
     pub min_idle_sleep: Duration,
@@ -69,11 +253,11 @@ pub struct RouterSettings {
     pub min_retry_backoff: Duration,
     /// See [`KEYS`].
     pub max_retry_backoff: Duration,
-    /// See [`KEYS`].
+    /// `maxRetries` (or `maxFailedCountForJob` - 1).
     pub max_retries: u32,
     /// See [`KEYS`].
     pub retry_time_window: Duration,
-    /// See [`KEYS`].
+    /// `uploadCallTimeout`: bound on one upload, poll or stats call.
     pub upload_timeout: Duration,
     /// See [`KEYS`].
     pub import_deadline: Duration,
@@ -83,7 +267,9 @@ pub struct RouterSettings {
     pub lease_timeout: Duration,
     /// See [`KEYS`].
     pub shutdown_timeout: Duration,
-    /// See [`KEYS`].
+    /// `finishedJobRetention`: finished jobs older than this are deleted.
+    pub finished_job_retention: Duration,
+    /// `jobRetention`: unprocessed jobs older than this are aborted (`expired`).
     pub job_retention: Duration,
 }
 
@@ -147,6 +333,28 @@ impl Resolver<'_, '_> {
         let r = self.lookup.duration(name, d, unit);
         self.keep(r, d)
     }
+
+    /// The names set for `primary` at the most specific level, in precedence order.
+    fn names_set(&self, primary: &'static str) -> Vec<&'static str> {
+        self.lookup.set_at_most_specific(&names_of(primary))
+    }
+
+    /// A duration read under its primary name or an alias (each with its unit).
+    fn duration_any(&mut self, primary: &'static str) -> Duration {
+        let Some(&name) = self.names_set(primary).first() else {
+            return self.duration(primary);
+        };
+        let KeyKind::Duration(d, unit) = spec(primary).kind else {
+            unreachable!("{primary} is a duration")
+        };
+        let unit = ALIASES
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.bare_unit)
+            .unwrap_or(unit);
+        let r = self.lookup.duration(name, d, unit);
+        self.keep(r, d)
+    }
 }
 
 impl RouterSettings {
@@ -158,19 +366,46 @@ impl RouterSettings {
         };
         let s = RouterSettings {
             max_events_in_batch: r.count("maxEventsInABatch") as usize,
-            max_upload_bytes: r.bytes("MaxUploadLimit"),
-            upload_freq: r.duration("uploadFreq"),
+            max_upload_bytes: {
+                let names = r.names_set("MaxUploadLimit");
+                if names.is_empty() {
+                    r.bytes("MaxUploadLimit")
+                } else {
+                    // Both are caps: the smaller one set at that level wins.
+                    let KeyKind::Bytes(default) = spec("MaxUploadLimit").kind else {
+                        unreachable!("MaxUploadLimit is a byte size")
+                    };
+                    names
+                        .iter()
+                        .map(|n| {
+                            let v = r.lookup.bytes(n, default);
+                            r.keep(v, default)
+                        })
+                        .min()
+                        .unwrap_or(default)
+                }
+            },
+            upload_freq: r.duration_any("asyncUploadTimeout"),
             min_idle_sleep: r.duration("minIdleSleep"),
             poll_interval: r.duration("pollStatusLoopSleep"),
             min_retry_backoff: r.duration("minRetryBackoff"),
             max_retry_backoff: r.duration("maxRetryBackoff"),
-            max_retries: r.count("maxRetries").min(u32::MAX as u64) as u32,
-            retry_time_window: r.duration("retryTimeWindow"),
-            upload_timeout: r.duration("asyncUploadTimeout"),
+            max_retries: match r.names_set("maxRetries").first() {
+                // RudderStack counts attempts: N attempts are N - 1 retries.
+                Some(&"maxFailedCountForJob") => {
+                    let v = r.lookup.count("maxFailedCountForJob", 4);
+                    r.keep(v, 4).saturating_sub(1)
+                }
+                _ => r.count("maxRetries"),
+            }
+            .min(u32::MAX as u64) as u32,
+            retry_time_window: r.duration_any("retryTimeWindow"),
+            upload_timeout: r.duration("uploadCallTimeout"),
             import_deadline: r.duration("asyncImportDeadline"),
             max_concurrent_imports: r.count("maxConcurrentImports").min(u32::MAX as u64) as u32,
             lease_timeout: r.duration("leaseTimeout"),
             shutdown_timeout: r.duration("shutdownTimeout"),
+            finished_job_retention: r.duration("finishedJobRetention"),
             job_retention: r.duration("jobRetention"),
         };
         let mut problems = r.problems;
@@ -206,10 +441,10 @@ impl RouterSettings {
             p.push("leaseTimeout must be at least 1s".to_string());
         }
         for (name, d) in [
-            ("uploadFreq", self.upload_freq),
+            ("asyncUploadTimeout", self.upload_freq),
             ("pollStatusLoopSleep", self.poll_interval),
             ("minIdleSleep", self.min_idle_sleep),
-            ("asyncUploadTimeout", self.upload_timeout),
+            ("uploadCallTimeout", self.upload_timeout),
             ("asyncImportDeadline", self.import_deadline),
         ] {
             if d.is_zero() {
@@ -238,14 +473,14 @@ impl RouterSettings {
                 "MaxUploadLimit",
                 ByteSize(self.max_upload_bytes).to_string(),
             ),
-            ("uploadFreq", fmt_duration(self.upload_freq)),
+            ("asyncUploadTimeout", fmt_duration(self.upload_freq)),
             ("minIdleSleep", fmt_duration(self.min_idle_sleep)),
             ("pollStatusLoopSleep", fmt_duration(self.poll_interval)),
             ("minRetryBackoff", fmt_duration(self.min_retry_backoff)),
             ("maxRetryBackoff", fmt_duration(self.max_retry_backoff)),
             ("maxRetries", self.max_retries.to_string()),
             ("retryTimeWindow", fmt_duration(self.retry_time_window)),
-            ("asyncUploadTimeout", fmt_duration(self.upload_timeout)),
+            ("uploadCallTimeout", fmt_duration(self.upload_timeout)),
             ("asyncImportDeadline", fmt_duration(self.import_deadline)),
             (
                 "maxConcurrentImports",
@@ -253,9 +488,27 @@ impl RouterSettings {
             ),
             ("leaseTimeout", fmt_duration(self.lease_timeout)),
             ("shutdownTimeout", fmt_duration(self.shutdown_timeout)),
+            (
+                "finishedJobRetention",
+                fmt_duration(self.finished_job_retention),
+            ),
             ("jobRetention", fmt_duration(self.job_retention)),
         ]
     }
+}
+
+/// Where the effective value of the primary key `key` came from, naming the
+/// RudderStack (or older) name when that is what set it; `None` for a default.
+pub fn origin(lookup: &KeyLookup<'_>, key: &str) -> Option<String> {
+    let names = names_of(key);
+    let set = lookup.set_at_most_specific(&names);
+    let name = *set.first()?;
+    let (_, origin) = lookup.raw(name)?;
+    Some(if name == key {
+        origin
+    } else {
+        format!("{origin}, as {name}")
+    })
 }
 
 /// Formats a duration the way config files write it (`30s`, `3h`, `250ms`).
@@ -285,6 +538,7 @@ mod tests {
         assert_eq!(s.max_events_in_batch, 10_000);
         assert_eq!(s.max_upload_bytes, 32 << 20);
         assert_eq!(s.upload_freq, Duration::from_secs(30));
+        assert_eq!(s.upload_timeout, Duration::from_secs(600));
         assert_eq!(s.poll_interval, Duration::from_secs(10));
         assert_eq!(s.min_retry_backoff, Duration::from_secs(10));
         assert_eq!(s.max_retry_backoff, Duration::from_secs(300));
@@ -293,7 +547,7 @@ mod tests {
         assert_eq!(s.import_deadline, Duration::from_secs(3 * 3600));
         assert_eq!(s.max_concurrent_imports, 1);
         assert_eq!(s.lease_timeout, Duration::from_secs(300));
-        assert_eq!(s.job_retention, Duration::from_secs(7 * 86400));
+        assert_eq!(s.finished_job_retention, Duration::from_secs(7 * 86400));
     }
 
     #[test]
@@ -352,5 +606,200 @@ mod tests {
             .collect();
         let declared: Vec<_> = KEYS.iter().map(|k| k.name).collect();
         assert_eq!(described, declared);
+    }
+
+    fn resolve(
+        pairs: &[(&str, &str)],
+        own: &[(&str, &str)],
+    ) -> Result<RouterSettings, SettingsError> {
+        let src: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let own: BTreeMap<String, String> = own
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RouterSettings::resolve(&KeyLookup::new(&src, "HTTP", &own))
+    }
+
+    #[test]
+    fn renamed_keys_resolve_under_their_new_names() {
+        let s = resolve(
+            &[
+                ("BatchRouter.uploadCallTimeout", "2"),
+                ("BatchRouter.finishedJobRetention", "48"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.upload_timeout, Duration::from_secs(120), "bare minutes");
+        assert_eq!(
+            s.finished_job_retention,
+            Duration::from_secs(48 * 3600),
+            "bare hours"
+        );
+        // `jobRetention` has RudderStack's meaning now (unprocessed jobs,
+        // 720 h) and no longer sets the deletion of finished jobs.
+        assert_eq!(s.job_retention, Duration::from_secs(720 * 3600));
+        let s = resolve(&[("BatchRouter.jobRetention", "1")], &[]).unwrap();
+        assert_eq!(s.finished_job_retention, Duration::from_secs(7 * 86400));
+        assert_eq!(s.job_retention, Duration::from_secs(3600), "bare hours");
+    }
+
+    #[test]
+    fn async_upload_timeout_has_rudderstacks_meaning_the_batch_age() {
+        // RudderStack: bare minutes, the age at which a staged batch is uploaded.
+        let s = resolve(&[("BatchRouter.asyncUploadTimeout", "5")], &[]).unwrap();
+        assert_eq!(s.upload_freq, Duration::from_secs(300));
+        assert_eq!(
+            s.upload_timeout,
+            Duration::from_secs(600),
+            "the call timeout is untouched"
+        );
+        // Our earlier name still sets the batch age (bare seconds)...
+        let s = resolve(&[("BatchRouter.uploadFreq", "20")], &[]).unwrap();
+        assert_eq!(s.upload_freq, Duration::from_secs(20));
+        // ...but asyncUploadTimeout wins at the same level, and a more
+        // specific level wins over a less specific one whatever the name.
+        let s = resolve(
+            &[
+                ("BatchRouter.uploadFreq", "20s"),
+                ("BatchRouter.asyncUploadTimeout", "1m"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.upload_freq, Duration::from_secs(60));
+        let s = resolve(
+            &[
+                ("BatchRouter.HTTP.uploadFreq", "20s"),
+                ("BatchRouter.asyncUploadTimeout", "1m"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.upload_freq, Duration::from_secs(20));
+        // RudderStack's per-destination uploadInterval (bare minutes) wins.
+        let s = resolve(
+            &[("BatchRouter.HTTP.asyncUploadTimeout", "30s")],
+            &[("uploadInterval", "10")],
+        )
+        .unwrap();
+        assert_eq!(s.upload_freq, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn rudderstack_counts_and_sizes_are_honoured() {
+        // maxFailedCountForJob counts attempts: 5 attempts = 4 retries.
+        let s = resolve(&[("BatchRouter.maxFailedCountForJob", "5")], &[]).unwrap();
+        assert_eq!(s.max_retries, 4);
+        let s = resolve(
+            &[
+                ("BatchRouter.maxFailedCountForJob", "128"),
+                ("BatchRouter.HTTP.maxRetries", "2"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.max_retries, 2, "the more specific level wins");
+        let s = resolve(&[("BatchRouter.retryTimeWindowInMins", "30")], &[]).unwrap();
+        assert_eq!(s.retry_time_window, Duration::from_secs(1800));
+        let s = resolve(&[("BatchRouter.maxPayloadSizeInBytes", "1048576")], &[]).unwrap();
+        assert_eq!(s.max_upload_bytes, 1 << 20);
+        let s = resolve(
+            &[
+                ("BatchRouter.maxPayloadSizeInBytes", "8MiB"),
+                ("BatchRouter.MaxUploadLimit", "4MiB"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.max_upload_bytes, 4 << 20, "both caps: the smaller wins");
+        let err = resolve(&[("BatchRouter.maxFailedCountForJob", "lots")], &[]).unwrap_err();
+        assert!(err.to_string().contains("maxFailedCountForJob"), "{err}");
+    }
+
+    #[test]
+    fn origin_names_the_key_that_set_the_value() {
+        let src: BTreeMap<String, String> =
+            [("BatchRouter.uploadFreq".to_string(), "5s".to_string())].into();
+        let own = BTreeMap::new();
+        let l = KeyLookup::new(&src, "HTTP", &own);
+        assert_eq!(
+            origin(&l, "asyncUploadTimeout").as_deref(),
+            Some("map, as uploadFreq")
+        );
+        assert_eq!(origin(&l, "maxRetries"), None);
+    }
+
+    #[test]
+    fn ignored_rudderstack_keys_are_found_and_logged_by_name() {
+        let src: BTreeMap<String, String> = [
+            (
+                "BatchRouter.isolationMode".to_string(),
+                "workspace".to_string(),
+            ),
+            (
+                "BatchRouter.HTTP.partitionWorker.concurrency".to_string(),
+                "4".to_string(),
+            ),
+            (
+                "BatchRouter.RSources.HTTP.maxFailedCountForJob".to_string(),
+                "3".to_string(),
+            ),
+            ("BatchRouter.maxRetries".to_string(), "3".to_string()),
+        ]
+        .into();
+        let found = ignored_in(&src, &["HTTP", "SFTP"]);
+        let keys: Vec<&str> = found.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "BatchRouter.HTTP.partitionWorker.concurrency",
+                "BatchRouter.isolationMode",
+                "BatchRouter.RSources.HTTP.maxFailedCountForJob",
+            ]
+        );
+        let own: BTreeMap<String, String> =
+            [("maxConsecutiveFailures".to_string(), "3".to_string())].into();
+        let from_table = ignored_in_router_table("web", &own);
+        assert_eq!(from_table.len(), 1);
+        assert!(ignored_key("RSources.SFTP.retryTimeWindow").is_some());
+        assert!(ignored_key("maxRetries").is_none());
+        assert!(is_ignored_prefix("Limiter") && !is_ignored_prefix("HTTP"));
+
+        let capture = batchrouter_testkit::logs::LogCapture::default();
+        tracing::subscriber::with_default(capture.subscriber(tracing::Level::INFO), || {
+            warn_ignored(&found);
+            warn_ignored(&from_table);
+        });
+        let text = capture.text();
+        for key in keys.iter().copied().chain(["maxConsecutiveFailures"]) {
+            assert!(
+                text.lines().any(|l| l.contains("WARN") && l.contains(key)),
+                "a warning names {key}: {text}"
+            );
+        }
+        assert!(text.contains("ignored"), "{text}");
+    }
+
+    #[test]
+    fn every_key_table_is_disjoint() {
+        let accepted = accepted_names();
+        for k in IGNORED_RUDDERSTACK_KEYS {
+            assert!(
+                !accepted.contains(&k.name),
+                "{} both read and ignored",
+                k.name
+            );
+        }
+        for a in ALIASES {
+            assert!(
+                KEYS.iter().any(|k| k.name == a.of),
+                "{} aliases a key",
+                a.name
+            );
+        }
     }
 }

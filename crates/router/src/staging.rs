@@ -1,11 +1,21 @@
 //! Staging: transformed lines go to a temp file, one line per job, until the
 //! batch is cut. Runs on the blocking pool (transform is CPU work, writes
 //! are file I/O); memory holds job ids and retry bookkeeping, never payloads.
+//!
+//! Files live in a folder per daemon identity,
+//! `<stagingDir>/by-owner/<owner>/<destination>/batch-*.staged`, whose
+//! `owner.lock` the router holds locked while it runs. The kernel drops
+//! that lock when the process dies (`kill -9` included), so at start a
+//! router removes what its own identity left and the folders of every
+//! identity no running process holds — never a live daemon's files, even
+//! when several daemons share one staging directory.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use batchrouter_core::store::{AttemptInfo, JobTransition, Transition};
 use batchrouter_core::{AsyncDestinationManager, ErrorCode, Job, JobError, JobId, Timestamp};
@@ -166,6 +176,236 @@ impl StagingFile {
     }
 }
 
+/// Folder of `<stagingDir>` holding one folder per daemon identity, so
+/// cleanup can tell whose a staged file is.
+pub const OWNERS_DIR: &str = "by-owner";
+/// Lock file of an identity's folder, held by the running router.
+pub const OWNER_LOCK_FILE: &str = "owner.lock";
+/// Prefix of a dead identity's folder while it is being removed.
+const TRASH_PREFIX: &str = ".removing-";
+
+/// The staging folder of one daemon identity (readable name plus a hash,
+/// so distinct identities never share a folder).
+pub fn owner_dir(staging_dir: &Path, owner: &str) -> PathBuf {
+    let label: String = owner
+        .chars()
+        .take(48)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in owner.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    staging_dir
+        .join(OWNERS_DIR)
+        .join(format!("{label}-{h:016x}"))
+}
+
+/// What the start-up cleanup removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Staged files removed (this identity's and stopped identities').
+    pub files: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+    /// Folders of identities no running process holds, removed whole.
+    pub stopped_owners: u64,
+    /// Folders of other identities left alone because a process holds them.
+    pub live_owners: u64,
+}
+
+/// This router's staging folder, locked for as long as the value lives so
+/// no other daemon's start-up cleanup removes a file in it.
+#[derive(Debug)]
+pub struct OwnerStaging {
+    dir: PathBuf,
+    _lock: Option<File>,
+}
+
+impl OwnerStaging {
+    /// Takes `owner`'s folder under `staging_dir` (waiting up to `wait` for
+    /// an earlier holder of the same identity to go away), empties it and
+    /// removes the folders of identities no running process holds. Blocking.
+    pub fn open(
+        staging_dir: &Path,
+        owner: &str,
+        wait: Duration,
+    ) -> std::io::Result<(OwnerStaging, Cleanup)> {
+        let dir = owner_dir(staging_dir, owner);
+        let mut cleanup = Cleanup::default();
+        let lock = match lock_own(&dir, wait)? {
+            OwnLock::Held(f) => {
+                empty_own(&dir, &mut cleanup);
+                Some(f)
+            }
+            OwnLock::Unsupported(e) => {
+                // Nobody can tell live from dead here, so only our own
+                // folder (one identity = one running daemon) is emptied.
+                tracing::warn!(dir = %dir.display(), error = %e, "The staging directory does not support file locks: staged files of stopped daemons with another identity are not removed.");
+                empty_own(&dir, &mut cleanup);
+                return Ok((OwnerStaging { dir, _lock: None }, cleanup));
+            }
+            OwnLock::HeldByOther => {
+                tracing::warn!(owner, dir = %dir.display(), "Another running process holds this identity's staging folder (two daemons with one identity?): its files are kept.");
+                None
+            }
+        };
+        remove_stopped_owners(&staging_dir.join(OWNERS_DIR), &dir, &mut cleanup);
+        Ok((OwnerStaging { dir, _lock: lock }, cleanup))
+    }
+
+    /// The folder this router stages into (one subfolder per destination).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+enum OwnLock {
+    Held(File),
+    HeldByOther,
+    Unsupported(std::io::Error),
+}
+
+/// Whether `path` still names the file `f` has open (a folder being
+/// removed by another daemon's cleanup is renamed away first).
+fn still_at(f: &File, path: &Path) -> bool {
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn lock_own(dir: &Path, wait: Duration) -> std::io::Result<OwnLock> {
+    let started = Instant::now();
+    let path = dir.join(OWNER_LOCK_FILE);
+    loop {
+        std::fs::create_dir_all(dir)?;
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+        {
+            Ok(f) => f,
+            // Renamed away by a cleanup between create_dir_all and open.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && started.elapsed() < wait => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        match f.try_lock() {
+            Ok(()) if still_at(&f, &path) => return Ok(OwnLock::Held(f)),
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if started.elapsed() >= wait {
+                    return Ok(OwnLock::HeldByOther);
+                }
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Ok(OwnLock::Unsupported(e)),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes everything in our own folder but the lock: files an earlier
+/// run of this identity left behind (nothing of ours is in flight yet).
+fn empty_own(dir: &Path, cleanup: &mut Cleanup) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name() == OWNER_LOCK_FILE {
+            continue;
+        }
+        remove_counted(&entry.path(), cleanup);
+    }
+}
+
+/// Removes the folders of identities whose lock nobody holds, and
+/// half-removed folders of an interrupted cleanup.
+fn remove_stopped_owners(owners: &Path, own: &Path, cleanup: &mut Cleanup) {
+    let Ok(entries) = std::fs::read_dir(owners) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == own || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TRASH_PREFIX)
+        {
+            remove_counted(&path, cleanup);
+            continue;
+        }
+        let lock_path = path.join(OWNER_LOCK_FILE);
+        // No lock file: a daemon is creating this folder right now.
+        let Ok(f) = OpenOptions::new().read(true).write(true).open(&lock_path) else {
+            continue;
+        };
+        match f.try_lock() {
+            Ok(()) if still_at(&f, &lock_path) => {}
+            Ok(()) => continue,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                cleanup.live_owners += 1;
+                continue;
+            }
+            Err(std::fs::TryLockError::Error(_)) => continue,
+        }
+        // Renamed while locked: a restarting holder of this identity then
+        // finds the path gone and starts a fresh folder instead.
+        let trash = owners.join(format!("{TRASH_PREFIX}{:016x}", fastrand::u64(..)));
+        match std::fs::rename(&path, &trash) {
+            Ok(()) => {
+                drop(f);
+                remove_counted(&trash, cleanup);
+                cleanup.stopped_owners += 1;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "Could not remove the staging folder of a stopped daemon.");
+            }
+        }
+    }
+}
+
+/// Removes `path` (file or folder), counting the staged files and bytes.
+fn remove_counted(path: &Path, cleanup: &mut Cleanup) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for entry in entries.flatten() {
+                remove_counted(&entry.path(), cleanup);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(path) {
+            tracing::warn!(dir = %path.display(), error = %e, "Could not remove a staging folder.");
+        }
+    } else {
+        match std::fs::remove_file(path) {
+            Ok(()) if path.file_name().is_some_and(|n| n != OWNER_LOCK_FILE) => {
+                cleanup.files += 1;
+                cleanup.bytes += meta.len();
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "Could not remove a leftover staged file.");
+            }
+        }
+    }
+}
+
 fn abort(job_id: JobId, code: ErrorCode, message: String) -> JobTransition {
     JobTransition {
         job_id,
@@ -282,6 +522,40 @@ mod tests {
             .unwrap();
         assert!(r.carry.is_empty());
         assert_eq!(next.job_ids(), vec![7]);
+    }
+
+    #[test]
+    fn owner_folders_are_safe_names_and_distinct_per_identity() {
+        let root = Path::new("/s");
+        let a = owner_dir(root, "instance:pod/../0");
+        assert_eq!(a.parent(), Some(Path::new("/s/by-owner")));
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with("instance_pod____0-"), "{name}");
+        assert_ne!(owner_dir(root, "a:b"), owner_dir(root, "a_b"));
+        assert_eq!(owner_dir(root, "a:b"), owner_dir(root, "a:b"));
+    }
+
+    #[test]
+    fn a_held_identity_keeps_its_files_and_interrupted_removals_finish() {
+        let root = tempfile::tempdir().unwrap();
+        let (first, _) = OwnerStaging::open(root.path(), "x", Duration::ZERO).unwrap();
+        std::fs::create_dir_all(first.dir().join("d")).unwrap();
+        let file = first.dir().join("d").join("batch-1.staged");
+        std::fs::write(&file, b"abc").unwrap();
+        let trash = root.path().join(OWNERS_DIR).join(".removing-0001");
+        std::fs::create_dir_all(trash.join("d")).unwrap();
+        std::fs::write(trash.join("d").join("batch-2.staged"), b"12345").unwrap();
+        // A second process claiming the same identity while the first runs.
+        let (second, removed) =
+            OwnerStaging::open(root.path(), "x", Duration::from_millis(60)).unwrap();
+        assert!(file.exists(), "the running holder's file is kept");
+        assert!(!trash.exists(), "a half-removed folder is finished off");
+        assert_eq!((removed.files, removed.bytes), (1, 5));
+        drop((first, second));
+        // The holder died: the identity's next start empties its folder.
+        let (_third, removed) = OwnerStaging::open(root.path(), "x", Duration::ZERO).unwrap();
+        assert!(!file.exists());
+        assert_eq!((removed.files, removed.bytes), (1, 3));
     }
 
     #[test]

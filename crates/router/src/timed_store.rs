@@ -10,7 +10,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use batchrouter_core::store::{
     AttemptInfo, CommitReport, DestinationCounts, ImportFinish, ImportRecord, Inserted, JobRecord,
-    JobTransition, PollUpdate, RecoveryReport, RetryResult, SlotId, UploadCommit,
+    JobTransition, LeaseRenewal, PollUpdate, RecoveryReport, RenewReport, RetryResult, SlotId,
+    UploadCommit,
 };
 use batchrouter_core::{ImportId, Job, JobId, JobState, JobStore, NewJob, StoreError, Timestamp};
 use prometheus::HistogramVec;
@@ -151,6 +152,23 @@ impl JobStore for TimedStore {
         self.timed("reclaim_expired", self.inner.reclaim_expired(n))
             .await
     }
+    async fn renew_leases(&self, r: LeaseRenewal) -> Result<RenewReport, StoreError> {
+        self.timed("renew_leases", self.inner.renew_leases(r)).await
+    }
+    async fn release_owner(&self, o: &str, n: Timestamp) -> Result<RecoveryReport, StoreError> {
+        self.timed("release_owner", self.inner.release_owner(o, n))
+            .await
+    }
+    async fn expire_jobs(
+        &self,
+        b: Timestamp,
+        m: &str,
+        n: Timestamp,
+        l: usize,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.timed("expire_jobs", self.inner.expire_jobs(b, m, n, l))
+            .await
+    }
     async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.timed("get_job", self.inner.get_job(id)).await
     }
@@ -173,5 +191,8 @@ impl JobStore for TimedStore {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.timed("ping", self.inner.ping()).await
+    }
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        self.timed("probe_write", self.inner.probe_write()).await
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::store::{
-    AttemptInfo, ImportToCreate, JobTransition, SlotId, Transition, UploadCommit,
+    AttemptInfo, ImportToCreate, JobTransition, LeaseRenewal, SlotId, Transition, UploadCommit,
 };
 use batchrouter_core::{
     validate_upload_output, ErrorCode, JobError, JobId, Outcome, StagedBatch, StoreError,
@@ -33,37 +33,51 @@ struct Staged {
     lease_until: Timestamp,
 }
 
-/// Jobs this worker holds under its lease, renewed before it runs out.
+/// Jobs (and the upload slot, while uploading) this worker holds under its
+/// lease, renewed before it runs out: every lease lasts `leaseTimeout` and
+/// this heartbeat keeps it alive however long the work takes.
 struct Held {
     lease_until: Timestamp,
+    slot: Option<SlotId>,
 }
 
 impl Held {
     fn new(lease_until: Timestamp) -> Self {
-        Held { lease_until }
+        Held {
+            lease_until,
+            slot: None,
+        }
     }
 
-    /// Renews the lease of `ids` when less than a third of it is left.
+    /// Renews the lease of `ids` (and the slot) once half of it is used up.
     async fn renew_if_due(&mut self, dest: &Destination, shared: &Shared, ids: &[JobId]) {
         let lease = dest.settings.lease_timeout;
         let now = Timestamp::now();
-        if ids.is_empty() || now + lease / 3 < self.lease_until {
+        if (ids.is_empty() && self.slot.is_none()) || now + lease / 2 < self.lease_until {
             return;
         }
         let until = now + lease;
-        match shared
-            .store
-            .extend_job_leases(&shared.owner, ids, until)
-            .await
-        {
-            Ok(n) => {
+        let renewal = LeaseRenewal {
+            owner: shared.owner.clone(),
+            jobs: ids.to_vec(),
+            imports: Vec::new(),
+            slots: self.slot.into_iter().collect(),
+            lease_until: until,
+        };
+        match shared.store.renew_leases(renewal).await {
+            Ok(r) => {
                 self.lease_until = until;
-                if n < ids.len() {
+                let lost = ids.len().saturating_sub(r.jobs as usize);
+                if lost > 0 {
                     FencedWritesRejected {
                         stage: "lease",
-                        count: ids.len() - n,
+                        count: lost,
                     }
                     .emit(&dest.events);
+                }
+                if self.slot.is_some() && r.slots == 0 {
+                    tracing::warn!(destination_id = %dest.id, "Upload slot lease was lost (the store took it back); the upload goes on.");
+                    self.slot = None;
                 }
             }
             Err(e) => {
@@ -229,6 +243,7 @@ async fn build_batch_inner(
             if !jobs.is_empty() {
                 held.lease_until = held.lease_until.min(lease_until);
                 holding.extend(jobs.iter().map(|j| j.id));
+                crate::crash::point("after_claim");
             }
             jobs
         } else {
@@ -315,6 +330,7 @@ async fn build_batch_inner(
                 cut,
             }
             .emit(&dest.events);
+            crate::crash::point("after_staging");
             return Ok(Some(staged));
         }
         if f.count() == 0 {
@@ -332,7 +348,8 @@ async fn build_batch_inner(
             .map(|t| (t + s.upload_freq).since(now))
             .unwrap_or(s.min_idle_sleep);
         tokio::select! {
-            _ = tokio::time::sleep(until_cut.min(s.min_idle_sleep)) => {}
+            // Wake often enough to renew the held jobs' lease in time.
+            _ = tokio::time::sleep(until_cut.min(s.min_idle_sleep).min(s.lease_timeout / 4)) => {}
             _ = dest.wake_worker.notified() => {}
             _ = shared.shutdown.cancelled() => {}
         }
@@ -400,7 +417,7 @@ async fn acquire_slot(
                     &shared.owner,
                     s.max_concurrent_imports,
                     now,
-                    now + s.upload_timeout + s.lease_timeout,
+                    now + s.lease_timeout,
                 )
                 .await
         };
@@ -422,6 +439,7 @@ async fn acquire_slot(
             .map(|t| t.since(now))
             .unwrap_or(s.poll_interval)
             .min(Duration::from_secs(1))
+            .min(s.lease_timeout / 4)
             .max(Duration::from_millis(5));
         tokio::select! {
             _ = dest.wake_worker.notified() => {}
@@ -452,6 +470,7 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
     };
     let started = Instant::now();
     let mut held = Held::new(staged.lease_until);
+    held.slot = Some(slot);
     let call = tokio::time::timeout(s.upload_timeout, dest.manager.upload(&batch));
     tokio::pin!(call);
     let result = loop {
@@ -469,7 +488,7 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
                 JobError::new(
                     ErrorCode::DeadlineExceeded,
                     format!(
-                        "upload did not finish within asyncUploadTimeout ({})",
+                        "upload did not finish within uploadCallTimeout ({})",
                         crate::settings::fmt_duration(s.upload_timeout)
                     ),
                 ),
@@ -491,6 +510,7 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
         },
     };
 
+    crate::crash::upload_answered(&output, forced.is_none());
     let infos: BTreeMap<JobId, AttemptInfo> = staged.jobs.iter().map(|j| (j.job_id, *j)).collect();
     let throttled = output
         .outcomes

@@ -846,3 +846,150 @@ async fn duplicate_message_ids_are_delivered_once() {
     assert_eq!(s.accepted().len(), 2);
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_import_whose_results_cannot_be_read_is_aborted_and_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+    let m = Arc::new(Recording::default());
+    *m.behaviour.lock().unwrap() = Behaviour::ImportWithFailures { polls: 1 };
+    *m.stats_error.lock().unwrap() = Some(batchrouter_core::DestinationError::retryable(
+        "results endpoint answered HTTP 503",
+    ));
+    // Two batches; sync mode (one slot), so the second waits for the first import.
+    let first_ids = store
+        .insert_jobs(numbered_jobs("d", "x", 5), Timestamp::now())
+        .await
+        .unwrap();
+    let second_ids = store
+        .insert_jobs(numbered_jobs("d", "y", 5), Timestamp::now())
+        .await
+        .unwrap();
+    let settings = RouterSettings {
+        max_events_in_batch: 5,
+        max_concurrent_imports: 1,
+        import_deadline: Duration::from_millis(800),
+        ..fast()
+    };
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", m.clone(), settings)],
+    )
+    .await;
+    let first_job = first_ids[0].job_id;
+    wait_for("the first import's jobs to end", LIMIT, || {
+        let store = store.clone();
+        async move { store.get_job(first_job).await.unwrap().unwrap().state == JobState::Aborted }
+    })
+    .await;
+    // The results endpoint heals: the second import resolves normally.
+    *m.stats_error.lock().unwrap() = None;
+    let c = settle(&store, "d", LIMIT).await;
+    assert_eq!(n(&c, JobState::Aborted), 6, "{:?}", readable(&c));
+    assert_eq!(n(&c, JobState::Succeeded), 4, "{:?}", readable(&c));
+    let mut import = None;
+    for ins in &first_ids {
+        let j = store.get_job(ins.job_id).await.unwrap().unwrap();
+        assert_eq!((j.state, j.attempts), (JobState::Aborted, 1));
+        let e = j.error.unwrap();
+        assert_eq!(e.code, ErrorCode::ResultsUnavailable);
+        assert!(
+            e.message.contains("asyncImportDeadline") && e.message.contains("HTTP 503"),
+            "names the deadline and the last error: {}",
+            e.message
+        );
+        import = j.import_id;
+    }
+    let imp = store.get_import(import.unwrap()).await.unwrap().unwrap();
+    assert_eq!(imp.state, batchrouter_core::store::ImportState::Failed);
+    assert!(
+        m.stats_calls.load(Ordering::SeqCst) >= 3,
+        "stats were retried before the deadline"
+    );
+    assert_eq!(
+        m.uploads.load(Ordering::SeqCst),
+        2,
+        "each batch uploaded once: the first is not uploaded again, the second got the slot"
+    );
+    let rejected = store.get_job(second_ids[0].job_id).await.unwrap().unwrap();
+    assert_eq!(rejected.error.unwrap().code, ErrorCode::RecordRejected);
+    // Re-drivable by the operator.
+    let redriven = store
+        .redrive("d", &[JobState::Aborted], Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(redriven, 6);
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_failed_for_good_aborts_its_jobs_without_uploading_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+    let m = Arc::new(Recording::default());
+    *m.behaviour.lock().unwrap() = Behaviour::ImportFails { retryable: false };
+    store
+        .insert_jobs(numbered_jobs("d", "x", 5), Timestamp::now())
+        .await
+        .unwrap();
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", m.clone(), fast())],
+    )
+    .await;
+    let c = settle(&store, "d", LIMIT).await;
+    assert_eq!(n(&c, JobState::Aborted), 5, "{:?}", readable(&c));
+    let j = store.get_job(1).await.unwrap().unwrap();
+    assert_eq!(j.attempts, 1);
+    assert_eq!(j.error.unwrap().code, ErrorCode::ImportFailed);
+    let imp = store
+        .get_import(j.import_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(imp.state, batchrouter_core::store::ImportState::Failed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(m.uploads.load(Ordering::SeqCst), 1, "never uploaded again");
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_failed_retryably_is_uploaded_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+    let m = Arc::new(Recording::default());
+    *m.behaviour.lock().unwrap() = Behaviour::ImportFails { retryable: true };
+    store
+        .insert_jobs(numbered_jobs("d", "x", 5), Timestamp::now())
+        .await
+        .unwrap();
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![(
+            "d",
+            "TEST",
+            m.clone(),
+            RouterSettings {
+                max_retries: 2,
+                ..fast()
+            },
+        )],
+    )
+    .await;
+    let c = settle(&store, "d", LIMIT).await;
+    assert_eq!(n(&c, JobState::Aborted), 5, "{:?}", readable(&c));
+    assert_eq!(
+        m.uploads.load(Ordering::SeqCst),
+        3,
+        "1 + maxRetries uploads"
+    );
+    let j = store.get_job(1).await.unwrap().unwrap();
+    assert_eq!(j.attempts, 3);
+    let e = j.error.unwrap();
+    assert_eq!(e.code, ErrorCode::RetriesExhausted);
+    assert!(e.message.contains("import_failed"), "{}", e.message);
+    router.shutdown().await;
+}

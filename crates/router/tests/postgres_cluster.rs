@@ -24,6 +24,8 @@ use batchrouter_testkit::jobs::numbered_jobs;
 use batchrouter_testkit::postgres::TestDatabase;
 use common::{counts, fast, http_manager, n, readable, settle, Behaviour, Recording};
 use serde_json::json;
+use sqlx::postgres::PgPool;
+use sqlx::Row;
 
 /// One daemon's store: its own pool on the shared database.
 async fn store(db: &TestDatabase) -> Arc<dyn JobStore> {
@@ -404,4 +406,246 @@ async fn max_concurrent_imports_holds_across_daemons() {
     for (r, _) in routers {
         r.shutdown().await;
     }
+}
+
+/// A manager whose upload and poll each take `slow`, so a lease shorter than
+/// either only survives if it is renewed while the work runs.
+struct Slow {
+    slow: Duration,
+    /// 0 idle, 1 uploading, 2 polling, 3 done.
+    phase: AtomicUsize,
+    uploads: AtomicUsize,
+    polls: AtomicUsize,
+}
+
+#[async_trait]
+impl AsyncDestinationManager for Slow {
+    fn transform(&self, job: &Job) -> Result<String, TransformError> {
+        Ok(job.payload.clone())
+    }
+
+    async fn upload(&self, batch: &StagedBatch) -> UploadOutput {
+        self.uploads.fetch_add(1, Ordering::SeqCst);
+        self.phase.store(1, Ordering::SeqCst);
+        tokio::time::sleep(self.slow).await;
+        self.phase.store(0, Ordering::SeqCst);
+        UploadOutput {
+            imports: vec![NewImport {
+                context: json!({"batch": batch.batch_id}),
+                job_ids: batch.job_ids.clone(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    async fn poll(&self, _import: &ImportHandle) -> Result<PollStatus, DestinationError> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.phase.store(2, Ordering::SeqCst);
+        tokio::time::sleep(self.slow).await;
+        self.phase.store(3, Ordering::SeqCst);
+        Ok(PollStatus::Complete {
+            has_failures: false,
+        })
+    }
+
+    async fn get_upload_stats(
+        &self,
+        _import: &ImportHandle,
+    ) -> Result<UploadStats, DestinationError> {
+        Ok(UploadStats::default())
+    }
+}
+
+/// Every lease expiry the store holds, in ms from now (jobs, imports, slots).
+async fn lease_horizons(db: &PgPool) -> Vec<(String, i64)> {
+    let now = Timestamp::now().0;
+    sqlx::query(
+        "SELECT 'job', lease_expires_at FROM jobs WHERE state = 'executing' \
+         UNION ALL SELECT 'import', lease_expires_at FROM imports \
+             WHERE state IN ('pending', 'processing') AND lease_owner IS NOT NULL \
+         UNION ALL SELECT 'slot', lease_expires_at FROM upload_slots",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) - now))
+    .collect()
+}
+
+/// While `phase` holds, another daemon keeps trying to take the work over:
+/// nothing may be taken back, and no lease may reach past `leaseTimeout`.
+async fn watch_leases(
+    seed: &Arc<dyn JobStore>,
+    pool: &PgPool,
+    manager: &Slow,
+    phase: usize,
+    lease: Duration,
+    what: &str,
+) -> usize {
+    common::wait_for(what, Duration::from_secs(20), || async {
+        manager.phase.load(Ordering::SeqCst) == phase
+    })
+    .await;
+    let mut samples = 0;
+    while manager.phase.load(Ordering::SeqCst) == phase {
+        let r = seed.reclaim_expired(Timestamp::now()).await.unwrap();
+        assert_eq!(
+            r,
+            Default::default(),
+            "{what}: another daemon took back leases that were still renewed"
+        );
+        assert!(
+            seed.claim_due_imports(
+                "s",
+                "intruder",
+                10,
+                Timestamp::now(),
+                Timestamp::now() + lease
+            )
+            .await
+            .unwrap()
+            .is_empty(),
+            "{what}: another daemon could claim the import being polled"
+        );
+        let horizons = lease_horizons(pool).await;
+        // (The work may have ended, and released its leases, meanwhile.)
+        let still = manager.phase.load(Ordering::SeqCst) == phase;
+        assert!(!still || !horizons.is_empty(), "{what}: some lease is held");
+        for (kind, ms) in &horizons {
+            assert!(
+                *ms <= lease.as_millis() as i64 + 200,
+                "{what}: a {kind} lease reaches {ms} ms ahead, more than leaseTimeout ({lease:?})"
+            );
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_and_polls_keep_short_leases_alive_by_renewing_them() {
+    let Some(db) = TestDatabase::create("lease_heartbeat").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seed = store(&db).await;
+    let pg = PostgresStore::open(db.url()).await.unwrap();
+    seed.insert_jobs(numbered_jobs("s", "s", 10), Timestamp::now())
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(2);
+    let settings = RouterSettings {
+        lease_timeout: lease,
+        upload_timeout: Duration::from_secs(60),
+        ..fast()
+    };
+    let slow = Arc::new(Slow {
+        slow: lease * 2,
+        phase: AtomicUsize::new(0),
+        uploads: AtomicUsize::new(0),
+        polls: AtomicUsize::new(0),
+    });
+    let (router, metrics) = daemon(
+        &db,
+        dir.path(),
+        "daemon-a",
+        Duration::from_millis(100),
+        ("s", "TEST", slow.clone(), settings),
+    )
+    .await;
+    let during_upload = watch_leases(&seed, pg.pool(), &slow, 1, lease, "upload").await;
+    let during_poll = watch_leases(&seed, pg.pool(), &slow, 2, lease, "poll").await;
+    assert!(
+        during_upload >= 10 && during_poll >= 10,
+        "watched {during_upload} and {during_poll} times"
+    );
+    let c = settle(&seed, "s", Duration::from_secs(20)).await;
+    assert_eq!(n(&c, JobState::Succeeded), 10, "{:?}", readable(&c));
+    assert_eq!(
+        slow.uploads.load(Ordering::SeqCst),
+        1,
+        "never uploaded again"
+    );
+    assert_eq!(slow.polls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        metrics
+            .fenced_writes_rejected
+            .with_label_values(&["TEST", "s"])
+            .get(),
+        0
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_nobody_can_send_expire_after_job_retention() {
+    let Some(db) = TestDatabase::create("job_expiry").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seed = store(&db).await;
+    let now = Timestamp::now();
+    let retention = Duration::from_secs(3600);
+    // `ghost` is configured nowhere: no worker will ever claim its jobs.
+    let old = seed
+        .insert_jobs(numbered_jobs("ghost", "old", 3), now - retention * 2)
+        .await
+        .unwrap();
+    let fresh = seed
+        .insert_jobs(numbered_jobs("ghost", "new", 1), now)
+        .await
+        .unwrap();
+    seed.insert_jobs(numbered_jobs("live", "live", 2), now)
+        .await
+        .unwrap();
+    let metrics = Metrics::new();
+    let router = RouterBuilder::new(
+        store(&db).await,
+        metrics.clone(),
+        RouterOptions {
+            job_retention: retention,
+            ..options(dir.path(), "daemon-a", Duration::from_millis(100))
+        },
+    )
+    .destination("live", "TEST", Arc::new(Recording::default()), fast())
+    .start()
+    .await
+    .unwrap();
+    common::wait_for(
+        "the old jobs to expire",
+        Duration::from_secs(10),
+        || async { n(&counts(&seed, "ghost").await, JobState::Aborted) == 3 },
+    )
+    .await;
+    for i in &old {
+        let j = seed.get_job(i.job_id).await.unwrap().unwrap();
+        assert_eq!(j.state, JobState::Aborted);
+        let e = j.error.unwrap();
+        assert_eq!(e.code, batchrouter_core::ErrorCode::Expired);
+        assert!(e.message.contains("jobRetention (1h)"), "{}", e.message);
+    }
+    assert_eq!(
+        seed.get_job(fresh[0].job_id).await.unwrap().unwrap().state,
+        JobState::Waiting,
+        "a job younger than jobRetention waits on"
+    );
+    let c = settle(&seed, "live", Duration::from_secs(10)).await;
+    assert_eq!(n(&c, JobState::Succeeded), 2, "{:?}", readable(&c));
+    assert_eq!(
+        metrics
+            .jobs_total
+            .with_label_values(&["unconfigured", "ghost", "aborted"])
+            .get(),
+        3
+    );
+    assert_eq!(
+        metrics
+            .job_errors
+            .with_label_values(&["unconfigured", "ghost", "expired"])
+            .get(),
+        3
+    );
+    router.shutdown().await;
 }

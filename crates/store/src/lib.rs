@@ -55,6 +55,17 @@ pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
     }
 }
 
+/// Checks every job with [`batchrouter_core::NewJob::validate`] before a
+/// store writes any, so both backends refuse the same inputs, all or
+/// nothing, and say which job of the request is wrong and why.
+pub(crate) fn validate_new_jobs(jobs: &[batchrouter_core::NewJob]) -> Result<(), StoreError> {
+    for (i, job) in jobs.iter().enumerate() {
+        job.validate()
+            .map_err(|e| StoreError::Invalid(format!("job #{i} of the request: {e}")))?;
+    }
+    Ok(())
+}
+
 /// The URL with any password (and query) masked, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     batchrouter_core::secret::redact_url(url)

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -36,6 +38,9 @@ pub struct Fault {
     pub body: String,
     /// `Location` header (for redirects).
     pub location: Option<String>,
+    /// Send the status, the headers and half the body, then break the
+    /// connection (a server or proxy dying mid-answer).
+    pub truncate_body: bool,
 }
 
 impl Fault {
@@ -67,6 +72,12 @@ impl Fault {
             location: Some(location.into()),
             ..Default::default()
         }
+    }
+
+    /// Cut the answer mid-body (see [`Fault::truncate_body`]).
+    pub fn truncated(mut self) -> Self {
+        self.truncate_body = true;
+        self
     }
 
     /// Drop the connection without answering.
@@ -106,6 +117,7 @@ struct State {
     rejected_requests: AtomicU64,
     bodies_bytes: AtomicU64,
     headers_seen: Mutex<Vec<(String, String)>>,
+    idempotency_keys: Mutex<Vec<Option<String>>>,
     last_method: Mutex<String>,
     arrivals: Mutex<Vec<std::time::Instant>>,
 }
@@ -157,6 +169,7 @@ impl HttpStandIn {
             rejected_requests: AtomicU64::new(0),
             bodies_bytes: AtomicU64::new(0),
             headers_seen: Mutex::new(Vec::new()),
+            idempotency_keys: Mutex::new(Vec::new()),
             last_method: Mutex::new(String::new()),
             arrivals: Mutex::new(Vec::new()),
         });
@@ -171,7 +184,10 @@ impl HttpStandIn {
                 let st = st.clone();
                 let mut stopped_conn = stopped.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(st.clone(), req));
+                    let svc = service_fn(move |req| {
+                        let st = st.clone();
+                        async move { handle(st, req).await.map(crate::http::finish_answer) }
+                    });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc);
                     tokio::select! {
@@ -264,6 +280,12 @@ impl HttpStandIn {
         self.state.last_method.lock().unwrap().clone()
     }
 
+    /// The `Idempotency-Key` header of every request, in arrival order
+    /// (`None` where a request had none).
+    pub fn idempotency_keys(&self) -> Vec<Option<String>> {
+        self.state.idempotency_keys.lock().unwrap().clone()
+    }
+
     /// Headers of the last request (lower-case names), for header tests.
     pub fn last_headers(&self) -> Vec<(String, String)> {
         self.state.headers_seen.lock().unwrap().clone()
@@ -292,6 +314,12 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
     st.requests.fetch_add(1, Ordering::Relaxed);
     *st.last_method.lock().unwrap() = req.method().to_string();
     st.arrivals.lock().unwrap().push(std::time::Instant::now());
+    st.idempotency_keys.lock().unwrap().push(
+        req.headers()
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    );
     *st.headers_seen.lock().unwrap() = req
         .headers()
         .iter()
@@ -327,6 +355,12 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
             return Ok(resp
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from(f.body.clone())))
+                .map(|mut r| {
+                    if f.truncate_body {
+                        r.extensions_mut().insert(CutMidBody);
+                    }
+                    r
+                })
                 .unwrap());
         }
     }
@@ -369,8 +403,13 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<
             *acc.entry(record_key(&st.key_field, r)).or_insert(0) += 1;
         }
     }
-    let status = fault.map(|f| f.status).unwrap_or(200);
-    Ok(json_response(status, "{\"status\":\"ok\"}"))
+    let status = fault.as_ref().map(|f| f.status).unwrap_or(200);
+    let resp = json_response(status, "{\"status\":\"ok\"}");
+    let mut resp = resp;
+    if fault.is_some_and(|f| f.truncate_body) {
+        resp.extensions_mut().insert(CutMidBody);
+    }
+    Ok(resp)
 }
 
 fn record_key(field: &str, record: &Value) -> String {
@@ -387,4 +426,39 @@ fn json_response(status: u16, body: &str) -> Response<Full<Bytes>> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+/// Marks a stand-in answer to be cut mid-body by [`finish_answer`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CutMidBody;
+
+/// A stand-in answer as it goes on the wire.
+pub(crate) type WireBody = BoxBody<Bytes, std::io::Error>;
+
+/// Turns a stand-in's answer into what hyper sends. An answer marked
+/// [`CutMidBody`] sends its status, headers and the first half of its body
+/// (chunked, so nothing announces the rest), then the connection breaks:
+/// what a client sees when a server or proxy dies mid-answer.
+pub(crate) fn finish_answer(resp: Response<Full<Bytes>>) -> Response<WireBody> {
+    let cut = resp.extensions().get::<CutMidBody>().is_some();
+    let (mut parts, body) = resp.into_parts();
+    if !cut {
+        return Response::from_parts(parts, body.map_err(|never| match never {}).boxed());
+    }
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    // A `Full` body is one ready frame.
+    let full = futures::executor::block_on(body.collect())
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let half = full.slice(..full.len() / 2);
+    // The pause lets hyper flush the head and the first half before the
+    // error breaks the connection.
+    let frames = futures::StreamExt::chain(
+        futures::stream::iter([Ok(Frame::data(half))]),
+        futures::stream::once(async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            Err(std::io::Error::other("scripted connection drop mid-body"))
+        }),
+    );
+    Response::from_parts(parts, StreamBody::new(frames).boxed())
 }

@@ -66,10 +66,17 @@ pub enum MarketoFault {
         /// Body to send.
         body: String,
     },
+    /// HTTP 200 `text/csv;charset=UTF-8` with this body, as a result file
+    /// answers (for malformed result files).
+    Csv(String),
     /// Wait this long, then answer normally.
     Delay(Duration),
-    /// Send the headers, then break the connection mid-body.
+    /// Break the connection before any answer arrives (the error comes
+    /// before hyper has flushed the head).
     DropConnection,
+    /// Send `200`, the headers and the first bytes of the body, then break
+    /// the connection (a server or proxy dying mid-answer).
+    CutMidBody,
     /// Expire every token, then handle the request normally (it gets 602).
     ExpireTokens,
     /// No fault: lets a test script "the second request fails".
@@ -489,23 +496,19 @@ async fn scripted(shared: &Shared, endpoint: Endpoint) -> Option<Response> {
             }
             Some(resp.body(Body::from(body)).expect("valid response"))
         }
+        MarketoFault::Csv(body) => Some(
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "text/csv;charset=UTF-8")
+                .body(Body::from(body))
+                .expect("valid response"),
+        ),
         MarketoFault::Delay(d) => {
             tokio::time::sleep(d).await;
             None
         }
-        MarketoFault::DropConnection => {
-            let broken = futures::stream::iter([
-                Ok(Bytes::from_static(b"{\"requestId\":")),
-                Err(std::io::Error::other("scripted connection drop")),
-            ]);
-            Some(
-                Response::builder()
-                    .status(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Body::from_stream(broken))
-                    .expect("valid response"),
-            )
-        }
+        MarketoFault::DropConnection => Some(broken_answer(false)),
+        MarketoFault::CutMidBody => Some(broken_answer(true)),
         MarketoFault::ExpireTokens => {
             let mut inner = shared.lock();
             let now = Instant::now();
@@ -517,6 +520,32 @@ async fn scripted(shared: &Shared, endpoint: Endpoint) -> Option<Response> {
         }
         MarketoFault::Pass => None,
     }
+}
+
+/// A `200` whose body breaks after its first bytes. With `flush_head`, a
+/// pause first lets hyper send the head and those bytes, so the client sees
+/// the status and then a broken body; without it the error comes before
+/// anything is sent and the client sees the connection close unanswered.
+fn broken_answer(flush_head: bool) -> Response {
+    let pause = if flush_head {
+        Duration::from_millis(50)
+    } else {
+        Duration::ZERO
+    };
+    let broken = futures::StreamExt::chain(
+        futures::stream::iter([Ok(Bytes::from_static(b"{\"requestId\":"))]),
+        futures::stream::once(async move {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            Err(std::io::Error::other("scripted connection drop"))
+        }),
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(broken))
+        .expect("valid response")
 }
 
 /// One API call in progress, for the concurrency limit; counted from the

@@ -330,6 +330,33 @@ impl Sshd {
         let _ = child.wait();
     }
 
+    /// Freezes the server and every session it forked (SIGSTOP): connections
+    /// stay open but nothing answers any more, as with a hung server or a
+    /// dead network path. [`Sshd::thaw`] resumes them.
+    pub fn freeze(&mut self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Resumes a server frozen by [`Sshd::freeze`] (SIGCONT).
+    pub fn thaw(&mut self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&mut self, signal: &str) {
+        let Some(child) = self.child.as_ref() else {
+            return;
+        };
+        let root = child.id();
+        let mut pids = vec![root];
+        pids.extend(descendants(root));
+        let mut args = vec![signal.to_string()];
+        args.extend(pids.iter().map(|p| p.to_string()));
+        let _ = Command::new("kill")
+            .args(&args)
+            .stderr(Stdio::null())
+            .status();
+    }
+
     /// Stops the server and starts it again on the same port with the same keys.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop();

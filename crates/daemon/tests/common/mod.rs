@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod crash;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -37,6 +39,12 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Daemon::from_command(cmd, config)
+    }
+
+    /// Runs a prepared command that ends up exec'ing `batchrouterd run`
+    /// (e.g. behind `unshare`); stdout must be piped.
+    pub fn from_command(mut cmd: Command, config: &Path) -> Daemon {
         let mut child = cmd.spawn().expect("spawn batchrouterd");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -221,4 +229,25 @@ pub fn metric(text: &str, name: &str, labels_contain: &[&str]) -> Option<f64> {
         .find(|l| l.starts_with(name) && labels_contain.iter().all(|f| l.contains(f)))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Sends `request` as raw bytes on a fresh connection and reads until the
+/// server closes it or `limit` passes; answers the status and the body
+/// (parsed as JSON when it is). `(0, Null)` when nothing came back.
+pub fn raw_http(addr: &str, request: &[u8], limit: Duration) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(request).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    (status, body)
 }

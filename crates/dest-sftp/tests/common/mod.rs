@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use batchrouter_core::{
-    DestinationContext, DestinationTelemetry, Job, StagedBatch, Timestamp, Uploader,
+    DestinationContext, DestinationTelemetry, ErrorCode, Job, JobError, JobId, StagedBatch,
+    Timestamp, Uploader,
 };
 use batchrouter_dest_sftp::SftpUploader;
 use batchrouter_testkit::sshd::Sshd;
@@ -102,6 +103,58 @@ pub fn stage(
         attempt: 1,
         created_at,
     }
+}
+
+/// Stages `payloads` the way the router's staging does: a job whose
+/// transform fails is aborted alone (`transform_failed`) and left out of the
+/// batch. Job ids are 1-based positions in `payloads`.
+pub fn stage_like_router(
+    uploader: &SftpUploader,
+    dir: &Path,
+    batch_id: &str,
+    created_at: Timestamp,
+    payloads: impl IntoIterator<Item = String>,
+) -> (StagedBatch, Vec<(JobId, JobError)>) {
+    let path = dir.join(format!("{batch_id}.staged"));
+    let mut w = BufWriter::new(std::fs::File::create(&path).unwrap());
+    let (mut ids, mut aborted) = (Vec::new(), Vec::new());
+    for (i, payload) in payloads.into_iter().enumerate() {
+        let job = Job {
+            id: i as i64 + 1,
+            destination_id: "sftp-test".into(),
+            payload,
+            message_id: None,
+            attempts: 0,
+            retry_base: 0,
+            first_attempt_at: None,
+            created_at,
+        };
+        match uploader.transform(&job) {
+            Ok(line) => {
+                assert!(!line.contains('\n'));
+                w.write_all(line.as_bytes()).unwrap();
+                w.write_all(b"\n").unwrap();
+                ids.push(job.id);
+            }
+            Err(e) => aborted.push((
+                job.id,
+                JobError::new(ErrorCode::TransformFailed, e.to_string()),
+            )),
+        }
+    }
+    w.flush().unwrap();
+    drop(w);
+    let batch = StagedBatch {
+        batch_id: batch_id.into(),
+        destination_id: "sftp-test".into(),
+        destination_type: "SFTP".into(),
+        bytes: std::fs::metadata(&path).unwrap().len(),
+        path,
+        job_ids: ids,
+        attempt: 1,
+        created_at,
+    };
+    (batch, aborted)
 }
 
 /// Every file below `dir`, relative, sorted.

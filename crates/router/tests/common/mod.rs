@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use batchrouter_core::store::DestinationCounts;
 use batchrouter_core::{
-    AsyncDestinationManager, DestinationContext, DestinationError, ImportHandle, Job, JobState,
-    JobStore, NewImport, NoopTelemetry, PollStatus, StagedBatch, TransformError, UploadOutput,
-    UploadStats,
+    AsyncDestinationManager, DestinationContext, DestinationError, ErrorCode, ImportHandle, Job,
+    JobError, JobState, JobStore, NewImport, NoopTelemetry, Outcome, PollStatus, StagedBatch,
+    TransformError, UploadOutput, UploadStats,
 };
 use batchrouter_router::{Metrics, Router, RouterBuilder, RouterOptions, RouterSettings};
 use batchrouter_store::SqliteStore;
@@ -28,6 +28,9 @@ pub fn fast() -> RouterSettings {
         min_retry_backoff: Duration::from_millis(50),
         max_retry_backoff: Duration::from_millis(200),
         max_retries: 3,
+        // A job is given up when both the budget and the window are spent:
+        // no window here, so the budget alone decides, in milliseconds.
+        retry_time_window: Duration::ZERO,
         upload_timeout: Duration::from_secs(10),
         lease_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(5),
@@ -144,6 +147,8 @@ pub struct Recording {
     pub polls: AtomicUsize,
     pub stats_calls: AtomicUsize,
     pub behaviour: Mutex<Behaviour>,
+    /// When set, every `get_upload_stats` call fails with this error.
+    pub stats_error: Mutex<Option<DestinationError>>,
 }
 
 /// What a [`Recording`] manager does on upload and poll.
@@ -160,6 +165,11 @@ pub enum Behaviour {
     OmitOne,
     /// Name the first job twice.
     DuplicateOne,
+    /// Start an import that completes after `polls` polls reporting
+    /// failures: stats abort the first job of the import (`record_rejected`).
+    ImportWithFailures { polls: usize },
+    /// Start an import whose first poll says it failed as a whole.
+    ImportFails { retryable: bool },
 }
 
 #[async_trait]
@@ -179,7 +189,10 @@ impl AsyncDestinationManager for Recording {
         let behaviour = self.behaviour.lock().unwrap().clone();
         match behaviour {
             Behaviour::Succeed => UploadOutput::all_succeeded(&batch.job_ids),
-            Behaviour::Import { .. } | Behaviour::ImportForever => UploadOutput {
+            Behaviour::Import { .. }
+            | Behaviour::ImportForever
+            | Behaviour::ImportWithFailures { .. }
+            | Behaviour::ImportFails { .. } => UploadOutput {
                 imports: vec![NewImport {
                     context: serde_json::json!({"batch": batch.batch_id, "polls": 0}),
                     job_ids: batch.job_ids.clone(),
@@ -189,7 +202,7 @@ impl AsyncDestinationManager for Recording {
             Behaviour::OmitOne => UploadOutput::all_succeeded(&batch.job_ids[1..]),
             Behaviour::DuplicateOne => {
                 let mut out = UploadOutput::all_succeeded(&batch.job_ids);
-                out.push(batch.job_ids[0], batchrouter_core::Outcome::succeeded());
+                out.push(batch.job_ids[0], Outcome::succeeded());
                 out
             }
         }
@@ -202,6 +215,13 @@ impl AsyncDestinationManager for Recording {
             Behaviour::Import { polls } if seen >= polls => Ok(PollStatus::Complete {
                 has_failures: false,
             }),
+            Behaviour::ImportWithFailures { polls } if seen >= polls => {
+                Ok(PollStatus::Complete { has_failures: true })
+            }
+            Behaviour::ImportFails { retryable } => Ok(PollStatus::Failed {
+                retryable,
+                error: JobError::new(ErrorCode::ImportFailed, "the import failed as a whole"),
+            }),
             _ => Ok(PollStatus::InProgress {
                 processed: Some(seen as u64),
                 total: Some(100),
@@ -211,10 +231,26 @@ impl AsyncDestinationManager for Recording {
 
     async fn get_upload_stats(
         &self,
-        _import: &ImportHandle,
+        import: &ImportHandle,
     ) -> Result<UploadStats, DestinationError> {
         self.stats_calls.fetch_add(1, Ordering::SeqCst);
-        Ok(UploadStats::default())
+        if let Some(e) = self.stats_error.lock().unwrap().clone() {
+            return Err(e);
+        }
+        let behaviour = self.behaviour.lock().unwrap().clone();
+        match (behaviour, import.job_ids.first()) {
+            (Behaviour::ImportWithFailures { .. }, Some(&first)) => Ok(UploadStats {
+                outcomes: vec![(
+                    first,
+                    Outcome::Aborted(JobError::new(
+                        ErrorCode::RecordRejected,
+                        "the destination rejected this record",
+                    )),
+                )],
+                unmatched: 0,
+            }),
+            _ => Ok(UploadStats::default()),
+        }
     }
 }
 

@@ -27,9 +27,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use batchrouter_core::store::{
     AttemptInfo, CommitReport, DestinationCounts, ImportFinish, ImportRecord, Inserted, JobRecord,
-    JobTransition, PollUpdate, RecoveryReport, RetryResult, SlotId, UploadCommit,
+    JobTransition, LeaseRenewal, PollUpdate, RecoveryReport, RenewReport, RetryResult, SlotId,
+    UploadCommit,
 };
-use batchrouter_core::{ImportId, Job, JobId, JobState, JobStore, NewJob, StoreError, Timestamp};
+use batchrouter_core::{
+    ErrorCode, ImportId, Job, JobId, JobState, JobStore, NewJob, StoreError, Timestamp,
+};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Row};
 
@@ -155,10 +158,6 @@ const CONFLICT_ATTEMPTS: u32 = 4;
 
 fn millis(d: Duration) -> String {
     d.as_millis().to_string()
-}
-
-fn has_nul(s: &str) -> bool {
-    s.contains('\0')
 }
 
 impl PostgresStore {
@@ -649,21 +648,7 @@ impl JobStore for PostgresStore {
         jobs: Vec<NewJob>,
         now: Timestamp,
     ) -> Result<Vec<Inserted>, StoreError> {
-        if let Some(bad) = jobs.iter().find(|j| j.destination_id.is_empty()) {
-            return Err(StoreError::Invalid(format!(
-                "job with empty destination id: {:?}",
-                bad.message_id
-            )));
-        }
-        if let Some(bad) = jobs.iter().position(|j| {
-            has_nul(&j.destination_id)
-                || has_nul(&j.payload)
-                || j.message_id.as_deref().is_some_and(has_nul)
-        }) {
-            return Err(StoreError::Invalid(format!(
-                "job #{bad} of the request contains a NUL character, which PostgreSQL text cannot store"
-            )));
-        }
+        crate::validate_new_jobs(&jobs)?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -884,6 +869,77 @@ impl JobStore for PostgresStore {
         self.run("reclaim_expired", || self.reclaim(now)).await
     }
 
+    async fn renew_leases(&self, r: LeaseRenewal) -> Result<RenewReport, StoreError> {
+        if r.jobs.is_empty() && r.imports.is_empty() && r.slots.is_empty() {
+            return Ok(RenewReport::default());
+        }
+        self.run("renew_leases", || async {
+            let row = sqlx::query(sql::RENEW_LEASES)
+                .bind(&r.owner)
+                .bind(&r.jobs)
+                .bind(&r.imports)
+                .bind(&r.slots)
+                .bind(r.lease_until.0)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(RenewReport {
+                jobs: row.try_get::<i64, _>(0)? as u64,
+                imports: row.try_get::<i64, _>(1)? as u64,
+                slots: row.try_get::<i64, _>(2)? as u64,
+            })
+        })
+        .await
+    }
+
+    async fn release_owner(
+        &self,
+        owner: &str,
+        now: Timestamp,
+    ) -> Result<RecoveryReport, StoreError> {
+        self.run("release_owner", || async {
+            let row = sqlx::query(sql::RELEASE_OWNER)
+                .bind(owner)
+                .bind(now.0)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(RecoveryReport {
+                jobs_released: row.try_get::<i64, _>(0)? as u64,
+                imports_released: row.try_get::<i64, _>(1)? as u64,
+                slots_released: row.try_get::<i64, _>(2)? as u64,
+            })
+        })
+        .await
+    }
+
+    async fn expire_jobs(
+        &self,
+        created_before: Timestamp,
+        message: &str,
+        now: Timestamp,
+        limit_n: usize,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        if limit_n == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let message = rows::storable(message);
+        self.run("expire_jobs", || async {
+            let mut out = BTreeMap::new();
+            for r in sqlx::query(sql::EXPIRE_JOBS)
+                .bind(created_before.0)
+                .bind(limit(limit_n))
+                .bind(ErrorCode::Expired.as_str())
+                .bind(message.as_str())
+                .bind(now.0)
+                .fetch_all(&self.pool)
+                .await?
+            {
+                out.insert(r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as u64);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.run("get_job", || async {
             match sqlx::query(sql::GET_JOB)
@@ -1009,6 +1065,18 @@ impl JobStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.run("ping", || async {
             sqlx::query(sql::PING).execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        // Assigning a transaction id is a write: it fails on a hot standby,
+        // and its commit record goes through the WAL.
+        self.run("probe_write", || async {
+            sqlx::query("SELECT txid_current()")
+                .execute(&self.pool)
+                .await?;
             Ok(())
         })
         .await

@@ -258,3 +258,39 @@ pub const SWEEP_IMPORTS: &str = "DELETE FROM imports WHERE id IN ( \
 
 /// Liveness.
 pub const PING: &str = "SELECT 1";
+
+/// Heartbeat: renews the given leases still held by `$1` (`$2` jobs, `$3`
+/// imports, `$4` slots) to `$5`, in one statement; answers how many of each.
+pub const RENEW_LEASES: &str = "WITH j AS ( \
+         UPDATE jobs SET lease_expires_at = $5 \
+         WHERE id = ANY($2::bigint[]) AND state = 'executing' AND lease_owner = $1 RETURNING 1), \
+     i AS ( \
+         UPDATE imports SET lease_expires_at = $5 \
+         WHERE id = ANY($3::bigint[]) AND state IN ('pending', 'processing') AND lease_owner = $1 RETURNING 1), \
+     s AS ( \
+         UPDATE upload_slots SET lease_expires_at = $5 \
+         WHERE id = ANY($4::bigint[]) AND owner = $1 RETURNING 1) \
+     SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM i), (SELECT count(*) FROM s)";
+
+/// A daemon restarted under the same identity (`$1`) takes back everything
+/// it held at once (`$2` is the write time); answers how many of each.
+pub const RELEASE_OWNER: &str = "WITH j AS ( \
+         UPDATE jobs SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 \
+         WHERE state = 'executing' AND lease_owner = $1 RETURNING 1), \
+     i AS ( \
+         UPDATE imports SET lease_owner = NULL, lease_expires_at = NULL \
+         WHERE state IN ('pending', 'processing') AND lease_owner = $1 RETURNING 1), \
+     s AS (DELETE FROM upload_slots WHERE owner = $1 RETURNING 1) \
+     SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM i), (SELECT count(*) FROM s)";
+
+/// Aborts up to `$2` unprocessed (`waiting`/`failed`) jobs created and last
+/// changed (e.g. re-driven) before `$1`, with code `$3` and message `$4` at
+/// `$5`; rows someone is claiming are skipped. Answers the count per destination.
+pub const EXPIRE_JOBS: &str = "WITH old AS ( \
+         SELECT id FROM jobs WHERE state IN ('waiting', 'failed') AND created_at < $1 AND updated_at < $1 \
+         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     done AS ( \
+         UPDATE jobs j SET state = 'aborted', error_code = $3, error_message = $4, \
+             completed_at = $5, updated_at = $5, lease_owner = NULL, lease_expires_at = NULL \
+         WHERE j.id = ANY(ARRAY(SELECT id FROM old)) RETURNING j.destination_id) \
+     SELECT destination_id, count(*) FROM done GROUP BY destination_id";

@@ -256,7 +256,7 @@ async fn claims_walk_their_partial_indexes_in_order() {
 #[test]
 fn passwords_are_scrubbed_as_written_and_decoded() {
     let s = Secrets::new("postgres://u:p%40ss%2Fw0rd@h:5432/db?sslmode=require");
-    assert_eq!(s.redacted_url, "postgres://u:***@h:5432/db?***");
+    assert_eq!(s.redacted_url, "postgres://u:***@h:5432/db?sslmode=***");
     assert_eq!(
         s.scrub("bad p%40ss%2Fw0rd or p@ss/w0rd".into()),
         "bad *** or ***"

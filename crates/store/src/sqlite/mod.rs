@@ -18,8 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use batchrouter_core::store::{
     AttemptInfo, CommitReport, DestinationCounts, ImportFinish, ImportRecord, ImportState,
-    Inserted, JobRecord, JobTransition, PollUpdate, RecoveryReport, RetryResult, SlotId,
-    Transition, UploadCommit,
+    Inserted, JobRecord, JobTransition, LeaseRenewal, PollUpdate, RecoveryReport, RenewReport,
+    RetryResult, SlotId, Transition, UploadCommit,
 };
 use batchrouter_core::{
     ErrorCode, ImportId, Job, JobError, JobId, JobState, JobStore, NewJob, StoreError, Timestamp,
@@ -475,12 +475,7 @@ impl JobStore for SqliteStore {
         jobs: Vec<NewJob>,
         now: Timestamp,
     ) -> Result<Vec<Inserted>, StoreError> {
-        if let Some(bad) = jobs.iter().find(|j| j.destination_id.is_empty()) {
-            return Err(StoreError::Invalid(format!(
-                "job with empty destination id: {:?}",
-                bad.message_id
-            )));
-        }
+        crate::validate_new_jobs(&jobs)?;
         self.write(move |conn| {
             let tx = immediate(conn)?;
             let mut out = Vec::with_capacity(jobs.len());
@@ -999,6 +994,126 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn renew_leases(&self, r: LeaseRenewal) -> Result<RenewReport, StoreError> {
+        if r.jobs.is_empty() && r.imports.is_empty() && r.slots.is_empty() {
+            return Ok(RenewReport::default());
+        }
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let mut report = RenewReport::default();
+            for (sql, ids, count) in [
+                (
+                    "UPDATE jobs SET lease_expires_at = ?3 \
+                     WHERE id = ?1 AND state = 'executing' AND lease_owner = ?2",
+                    &r.jobs,
+                    &mut report.jobs,
+                ),
+                (
+                    "UPDATE imports SET lease_expires_at = ?3 \
+                     WHERE id = ?1 AND state IN ('pending', 'processing') AND lease_owner = ?2",
+                    &r.imports,
+                    &mut report.imports,
+                ),
+                (
+                    "UPDATE upload_slots SET lease_expires_at = ?3 WHERE id = ?1 AND owner = ?2",
+                    &r.slots,
+                    &mut report.slots,
+                ),
+            ] {
+                let mut stmt = tx.prepare_cached(sql).map_err(backend)?;
+                for id in ids {
+                    *count += stmt
+                        .execute(params![id, r.owner, r.lease_until.0])
+                        .map_err(backend)? as u64;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn release_owner(
+        &self,
+        owner: &str,
+        now: Timestamp,
+    ) -> Result<RecoveryReport, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let jobs = tx
+                .execute(
+                    "UPDATE jobs SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?2 \
+                     WHERE state = 'executing' AND lease_owner = ?1",
+                    params![owner, now.0],
+                )
+                .map_err(backend)?;
+            let imports = tx
+                .execute(
+                    "UPDATE imports SET lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE state IN ('pending', 'processing') AND lease_owner = ?1",
+                    params![owner],
+                )
+                .map_err(backend)?;
+            let slots = tx
+                .execute("DELETE FROM upload_slots WHERE owner = ?1", params![owner])
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(RecoveryReport {
+                jobs_released: jobs as u64,
+                imports_released: imports as u64,
+                slots_released: slots as u64,
+            })
+        })
+        .await
+    }
+
+    async fn expire_jobs(
+        &self,
+        created_before: Timestamp,
+        message: &str,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<BTreeMap<String, u64>, StoreError> {
+        if limit == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let message = message.to_string();
+        self.write(move |conn| {
+            let tx = immediate(conn)?;
+            let mut out: BTreeMap<String, u64> = BTreeMap::new();
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'aborted', error_code = ?3, error_message = ?4, \
+                         completed_at = ?5, updated_at = ?5, lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE id IN (SELECT id FROM jobs WHERE state IN ('waiting', 'failed') \
+                                      AND created_at < ?1 AND updated_at < ?1 ORDER BY id LIMIT ?2) \
+                         RETURNING destination_id",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map(
+                        params![
+                            created_before.0,
+                            limit as i64,
+                            ErrorCode::Expired.as_str(),
+                            message,
+                            now.0
+                        ],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .map_err(backend)?;
+                for dest in rows {
+                    *out.entry(dest.map_err(backend)?).or_default() += 1;
+                }
+            }
+            tx.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+    }
+
     async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.read(move |conn| {
             let sql = format!("SELECT {JOB_RECORD_COLUMNS} FROM jobs WHERE id = ?1");
@@ -1150,6 +1265,21 @@ impl JobStore for SqliteStore {
             conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
                 .map(|_| ())
                 .map_err(backend)
+        })
+        .await
+    }
+
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        // Rewrites the schema version with its own value: a real committed
+        // write (page 1 goes to the WAL) that changes nothing.
+        self.write(|conn| {
+            let tx = immediate(conn)?;
+            let version: i64 = tx
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(backend)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {version}"))
+                .map_err(backend)?;
+            tx.commit().map_err(backend)
         })
         .await
     }

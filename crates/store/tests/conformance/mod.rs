@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use batchrouter_core::store::{
-    ImportFinish, ImportState, ImportToCreate, JobTransition, PollUpdate, RetryResult, Transition,
-    UploadCommit,
+    ImportFinish, ImportState, ImportToCreate, JobTransition, LeaseRenewal, PollUpdate,
+    RecoveryReport, RenewReport, RetryResult, Transition, UploadCommit,
 };
-use batchrouter_core::{ErrorCode, JobError, JobState, JobStore, NewJob, Timestamp};
+use batchrouter_core::{ErrorCode, JobError, JobState, JobStore, NewJob, StoreError, Timestamp};
 use serde_json::json;
 
 pub type Store = Arc<dyn JobStore>;
@@ -113,6 +113,54 @@ pub async fn insert_is_all_or_nothing(s: Store) {
         s.destination_counts().await.unwrap().is_empty(),
         "nothing stored"
     );
+}
+
+/// Every backend refuses what `NewJob::validate` refuses, naming the job
+/// and the problem, and stores nothing of that request.
+pub async fn invalid_jobs_are_refused_by_name_and_nothing_is_stored(s: Store) {
+    let now = Timestamp::now();
+    let deep = format!(
+        "{}1{}",
+        "{\"a\":".repeat(batchrouter_core::MAX_PAYLOAD_DEPTH + 1),
+        "}".repeat(batchrouter_core::MAX_PAYLOAD_DEPTH + 1)
+    );
+    let long_id = "m".repeat(batchrouter_core::MAX_MESSAGE_ID_CHARS + 1);
+    let cases: [(NewJob, &str); 4] = [
+        (
+            job("d1", 1, Some("a\0b")),
+            "messageId contains a NUL character",
+        ),
+        (
+            NewJob {
+                destination_id: "d1".into(),
+                payload: deep,
+                message_id: None,
+            },
+            "deeper than 64 levels",
+        ),
+        (job("d1", 1, Some(&long_id)), "messageId must be 1 to 256"),
+        (job("", 1, None), "destinationId must not be empty"),
+    ];
+    for (bad, problem) in cases {
+        let request = vec![job("d1", 0, Some("fine")), bad];
+        let err = s.insert_jobs(request, now).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("job #1"), "names the job: {text}");
+        assert!(text.contains(problem), "names the problem: {text}");
+        assert!(
+            s.destination_counts().await.unwrap().is_empty(),
+            "nothing stored after: {text}"
+        );
+    }
+    // 256 emoji are 256 characters (1,024 bytes): within the documented limit.
+    let emoji = "\u{1F600}".repeat(batchrouter_core::MAX_MESSAGE_ID_CHARS);
+    let ins = s
+        .insert_jobs(vec![job("d1", 0, Some(&emoji))], now)
+        .await
+        .unwrap();
+    let rec = s.get_job(ins[0].job_id).await.unwrap().unwrap();
+    assert_eq!(rec.message_id.as_deref(), Some(emoji.as_str()));
 }
 
 pub async fn claims_due_jobs_in_id_order_under_a_lease(s: Store) {
@@ -1006,6 +1054,265 @@ pub async fn due_jobs_are_claimed_longest_due_first(s: Store) {
     );
 }
 
+pub async fn heartbeats_renew_only_leases_still_held(s: Store) {
+    let now = Timestamp::now();
+    // `one_import` leaves an import leased by A until now + 60s.
+    let (import_id, _) = one_import(&s, "h1", 2, now).await;
+    s.insert_jobs(jobs("h2", 3), now).await.unwrap();
+    let a_jobs: Vec<i64> = s
+        .claim_jobs("h2", "A", 2, now, now + 10 * SEC)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let b_jobs: Vec<i64> = s
+        .claim_jobs("h2", "B", 1, now, now + 10 * SEC)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let a_slot = s
+        .acquire_upload_slot("h3", "A", 5, now, now + 10 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    let b_slot = s
+        .acquire_upload_slot("h3", "B", 5, now, now + 10 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    // A names B's job and slot too: only what A still holds is renewed.
+    let r = s
+        .renew_leases(LeaseRenewal {
+            owner: "A".into(),
+            jobs: a_jobs.iter().chain(&b_jobs).copied().collect(),
+            imports: vec![import_id],
+            slots: vec![a_slot, b_slot],
+            lease_until: now + 100 * SEC,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r,
+        RenewReport {
+            jobs: 2,
+            imports: 1,
+            slots: 1
+        }
+    );
+    // Past every original lease only B's work (not renewed) is taken back.
+    let t = now + 70 * SEC;
+    let rec = s.reclaim_expired(t).await.unwrap();
+    assert_eq!(
+        rec,
+        RecoveryReport {
+            jobs_released: 1,
+            imports_released: 0,
+            slots_released: 1
+        }
+    );
+    for id in &a_jobs {
+        assert_eq!(state_of(&s, *id).await, JobState::Executing);
+    }
+    assert_eq!(state_of(&s, b_jobs[0]).await, JobState::Waiting);
+    assert!(
+        s.claim_due_imports("h1", "B", 10, t, t + 10 * SEC)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a renewed import stays with its poller"
+    );
+    // Work that is no longer held is not renewed (the heartbeat is fenced).
+    let r = s
+        .renew_leases(LeaseRenewal {
+            owner: "B".into(),
+            jobs: b_jobs.clone(),
+            imports: vec![import_id],
+            slots: vec![b_slot],
+            lease_until: t + 100 * SEC,
+        })
+        .await
+        .unwrap();
+    assert_eq!(r, RenewReport::default());
+    assert_eq!(
+        s.renew_leases(LeaseRenewal {
+            owner: "A".into(),
+            lease_until: t,
+            ..LeaseRenewal::default()
+        })
+        .await
+        .unwrap(),
+        RenewReport::default()
+    );
+    // Once A's renewed leases run out they are taken back like any other.
+    let rec = s.reclaim_expired(now + 101 * SEC).await.unwrap();
+    assert_eq!(
+        rec,
+        RecoveryReport {
+            jobs_released: 2,
+            imports_released: 1,
+            slots_released: 1
+        }
+    );
+}
+
+pub async fn a_restarted_owner_takes_back_its_own_leases_at_once(s: Store) {
+    let now = Timestamp::now();
+    let (import_id, _) = one_import(&s, "r1", 2, now).await;
+    s.insert_jobs(jobs("r2", 3), now).await.unwrap();
+    let a_jobs: Vec<i64> = s
+        .claim_jobs("r2", "A", 2, now, now + 600 * SEC)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let b_jobs: Vec<i64> = s
+        .claim_jobs("r2", "B", 1, now, now + 600 * SEC)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    for owner in ["A", "B"] {
+        s.acquire_upload_slot("r3", owner, 2, now, now + 600 * SEC)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let rep = s.release_owner("A", now).await.unwrap();
+    assert_eq!(
+        rep,
+        RecoveryReport {
+            jobs_released: 2,
+            imports_released: 1,
+            slots_released: 1
+        }
+    );
+    for id in &a_jobs {
+        let rec = s.get_job(*id).await.unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (JobState::Waiting, 0));
+    }
+    assert_eq!(
+        state_of(&s, b_jobs[0]).await,
+        JobState::Executing,
+        "another owner's lease is untouched"
+    );
+    let t = now + 2 * SEC;
+    let due = s
+        .claim_due_imports("r1", "B", 10, t, t + 10 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|i| i.id).collect::<Vec<_>>(),
+        vec![import_id],
+        "the import is free for any poller at once"
+    );
+    assert!(
+        s.acquire_upload_slot("r3", "C", 2, now, now + 10 * SEC)
+            .await
+            .unwrap()
+            .is_some(),
+        "A's slot is free"
+    );
+    assert!(
+        s.acquire_upload_slot("r3", "D", 2, now, now + 10 * SEC)
+            .await
+            .unwrap()
+            .is_none(),
+        "B's slot still counts"
+    );
+    assert_eq!(
+        s.release_owner("A", now).await.unwrap(),
+        RecoveryReport::default()
+    );
+}
+
+pub async fn unprocessed_jobs_expire_after_the_retention(s: Store) {
+    let now = Timestamp::now();
+    let old = now - 40 * 86_400 * SEC;
+    // e1 is configured somewhere; `nowhere` is a destination nobody serves.
+    let e1 = s.insert_jobs(jobs("e1", 3), old).await.unwrap();
+    let e1: Vec<i64> = e1.iter().map(|i| i.job_id).collect();
+    let nowhere = s.insert_jobs(jobs("nowhere", 2), old).await.unwrap();
+    let fresh = s.insert_jobs(jobs("e1", 1), now).await.unwrap()[0].job_id;
+    let done = s.insert_jobs(jobs("e2", 1), old).await.unwrap()[0].job_id;
+    // Long ago e1[0] failed (it waits for a retry), e1[1] was claimed (still
+    // executing) and e1[2] never moved.
+    let claimed = s
+        .claim_jobs("e1", "A", 2, old, old + 60 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        e1[..2].to_vec()
+    );
+    let mut c = commit("e1", "A", old);
+    c.attempted = vec![e1[0]];
+    c.transitions = vec![JobTransition {
+        job_id: e1[0],
+        to: Transition::Failed {
+            error: JobError::new(ErrorCode::DestinationUnavailable, "503"),
+            next_attempt_at: old + 60 * SEC,
+        },
+    }];
+    s.commit_upload(c).await.unwrap();
+    s.claim_jobs("e2", "A", 1, old, old + 60 * SEC)
+        .await
+        .unwrap();
+    let mut c = commit("e2", "A", old);
+    c.attempted = vec![done];
+    c.transitions = vec![JobTransition {
+        job_id: done,
+        to: succeeded(),
+    }];
+    s.commit_upload(c).await.unwrap();
+
+    let cutoff = now - 30 * 86_400 * SEC;
+    let msg = "not delivered within jobRetention (720h)";
+    let first = s.expire_jobs(cutoff, msg, now, 1).await.unwrap();
+    assert_eq!(first.values().sum::<u64>(), 1, "at most `limit` per call");
+    let rest = s.expire_jobs(cutoff, msg, now, 100).await.unwrap();
+    let mut total = first.clone();
+    for (d, n) in rest {
+        *total.entry(d).or_default() += n;
+    }
+    assert_eq!(
+        total.into_iter().collect::<Vec<_>>(),
+        vec![("e1".to_string(), 2), ("nowhere".to_string(), 2)]
+    );
+    for id in [e1[0], e1[2], nowhere[0].job_id, nowhere[1].job_id] {
+        let rec = s.get_job(id).await.unwrap().unwrap();
+        assert_eq!(rec.state, JobState::Aborted, "job {id}");
+        let err = rec.error.expect("an aborted job carries its reason");
+        assert_eq!((err.code, err.message.as_str()), (ErrorCode::Expired, msg));
+        assert_eq!(rec.completed_at, Some(now));
+    }
+    assert_eq!(
+        state_of(&s, e1[1]).await,
+        JobState::Executing,
+        "work in progress is not expired"
+    );
+    assert_eq!(state_of(&s, fresh).await, JobState::Waiting);
+    assert_eq!(state_of(&s, done).await, JobState::Succeeded);
+    assert!(s
+        .expire_jobs(cutoff, msg, now, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // An expired job can be re-driven like any aborted one, and the re-drive
+    // gives it a fresh jobRetention.
+    assert_eq!(s.retry_job(e1[2], now).await.unwrap(), RetryResult::Retried);
+    assert!(s
+        .expire_jobs(now - SEC, msg, now, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(state_of(&s, e1[2]).await, JobState::Waiting);
+}
+
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:path) => {
@@ -1013,6 +1320,7 @@ macro_rules! conformance_tests {
             insert_and_read_back,
             message_ids_are_idempotent_per_destination,
             insert_is_all_or_nothing,
+            invalid_jobs_are_refused_by_name_and_nothing_is_stored,
             claims_due_jobs_in_id_order_under_a_lease,
             failed_jobs_wait_for_their_backoff,
             claims_ten_thousand_in_one_call,
@@ -1031,6 +1339,9 @@ macro_rules! conformance_tests {
             polls_after_the_finish_are_refused,
             odd_text_from_destinations_is_stored,
             due_jobs_are_claimed_longest_due_first,
+            heartbeats_renew_only_leases_still_held,
+            a_restarted_owner_takes_back_its_own_leases_at_once,
+            unprocessed_jobs_expire_after_the_retention,
         );
     };
     (@each $factory:path; $($name:ident),* $(,)?) => {

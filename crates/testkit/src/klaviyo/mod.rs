@@ -102,6 +102,9 @@ pub struct KlaviyoFault {
     pub drop_connection: bool,
     /// Raw body instead of the JSON:API error for `status`.
     pub body: Option<String>,
+    /// Send the status, the headers and half the body, then break the
+    /// connection (a server or proxy dying mid-answer).
+    pub truncate_body: bool,
     /// Handle the request normally (lets scripts target the n-th request).
     pub pass: bool,
 }
@@ -147,6 +150,13 @@ impl KlaviyoFault {
             body: Some(body.into()),
             ..Default::default()
         }
+    }
+
+    /// Cut the answer mid-body: headers and half the body, then the
+    /// connection closes (see [`KlaviyoFault::truncate_body`]).
+    pub fn truncated(mut self) -> Self {
+        self.truncate_body = true;
+        self
     }
 
     /// Wait `d` before answering.
@@ -226,6 +236,7 @@ struct Script {
     cancel_next: u32,
     links_origin: Option<String>,
     omit_original_payload: bool,
+    key_revoked: bool,
 }
 
 struct Import {
@@ -301,6 +312,13 @@ impl KlaviyoStandIn {
     /// The accepted API key.
     pub fn api_key(&self) -> &str {
         &self.state.opts.api_key
+    }
+
+    /// Revokes (`true`) or restores the accepted API key: while revoked,
+    /// every request gets Klaviyo's real 401 `not_authenticated` answer, as
+    /// when an account owner deletes the key mid-import.
+    pub fn set_key_revoked(&self, revoked: bool) {
+        self.state.script.lock().unwrap().key_revoked = revoked;
     }
 
     /// Answers the next request of `route` with `fault` (queued in order).

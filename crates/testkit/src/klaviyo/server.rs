@@ -36,7 +36,10 @@ pub(super) async fn serve(
         let st = state.clone();
         let mut stopped_conn = stopped.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(st.clone(), req));
+            let svc = service_fn(move |req| {
+                let st = st.clone();
+                async move { handle(st, req).await.map(crate::http::finish_answer) }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
@@ -180,13 +183,17 @@ async fn scripted(f: KlaviyoFault) -> Result<Answer, Dropped> {
             resp.headers_mut().insert("retry-after", v);
         }
     }
+    if f.truncate_body {
+        resp.extensions_mut().insert(crate::http::CutMidBody);
+    }
     Ok(resp)
 }
 
 fn check_headers(st: &State, req: &Request<Incoming>, route: Route) -> Option<Answer> {
     let h = req.headers();
     let expected = format!("Klaviyo-API-Key {}", st.opts.api_key);
-    if h.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+    let revoked = st.script.lock().unwrap().key_revoked;
+    if revoked || h.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return Some(error(
             401,
             "not_authenticated",
