@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use batchrouter_core::destination::did_you_mean;
-use batchrouter_core::lookup::{parse_bytes, KeyLookup};
+use batchrouter_core::lookup::{parse_bytes, ConfigSource, KeyLookup};
 use batchrouter_core::secret::redact_urls_in;
 use batchrouter_core::{DestinationContext, NoopTelemetry, Secret};
 use batchrouter_router::factory;
@@ -360,6 +360,8 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
             16 << 20
         }
     };
+    const SERVER_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+    const SERVER_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
     let server_duration = |key: &str, default: u64, problems: &mut Vec<String>| {
         let default = std::time::Duration::from_secs(default);
         match server_t.get(key).map(scalar) {
@@ -367,10 +369,11 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
             Some(Some(v)) => {
                 batchrouter_core::lookup::parse_duration(&v, std::time::Duration::from_secs(1))
                     .and_then(|d| {
-                        if d.is_zero() {
-                            Err("must be more than zero".into())
-                        } else {
+                        // Bounded so deadlines built from it never overflow.
+                        if (SERVER_TIMEOUT_MIN..=SERVER_TIMEOUT_MAX).contains(&d) {
                             Ok(d)
+                        } else {
+                            Err(format!("`{v}` is out of range: must be 1ms to 1h"))
                         }
                     })
                     .unwrap_or_else(|e| {
@@ -465,10 +468,32 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         }
         Some(_) => problems.push("destinations must be a list of [[destinations]] tables".into()),
     }
+    for key in settings::GLOBAL_ONLY_KEYS {
+        for t in &known_types {
+            if let Some((_, origin)) = source.get(&format!("BatchRouter.{t}.{key}")) {
+                problems.push(global_only(key, &origin));
+            }
+        }
+        for d in &destinations {
+            if d.router.contains_key(*key) {
+                let at = format!("the router table of destination `{}`", d.id);
+                problems.push(global_only(key, &at));
+            }
+        }
+    }
     let mut ignored = settings::ignored_in(source.as_ref(), &known_types);
     for d in &destinations {
         ignored.extend(settings::ignored_in_router_table(&d.id, &d.router));
     }
+    let tables: Vec<_> = destinations
+        .iter()
+        .map(|d| (d.id.as_str(), d.kind.as_str(), &d.router))
+        .collect();
+    ignored.extend(settings::meaning_changes_in(
+        source.as_ref(),
+        &known_types,
+        &tables,
+    ));
     let no_overrides = BTreeMap::new();
     let global = RouterSettings::resolve(&KeyLookup::new(source.as_ref(), "", &no_overrides))
         .unwrap_or_else(|e| {
@@ -504,6 +529,11 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
     })
 }
 
+/// The problem for a store-wide key set per type or per destination.
+fn global_only(key: &str, at: &str) -> String {
+    format!("{key} is set in {at} but is global-only (it applies to the whole store): set it in [BatchRouter]")
+}
+
 fn flatten_router(
     br: &Map<String, Value>,
     known_types: &[&str],
@@ -528,6 +558,10 @@ fn flatten_router(
                     if v2.is_object() && settings::is_ignored_prefix(k2) {
                         let prefix = format!("BatchRouter.{k}");
                         ignored_table(&prefix, k2, v2, key_names, out, problems);
+                        continue;
+                    }
+                    if settings::GLOBAL_ONLY_KEYS.contains(&k2.as_str()) {
+                        problems.push(global_only(k2, &format!("[BatchRouter.{k}]")));
                         continue;
                     }
                     router_key(

@@ -53,7 +53,87 @@ fn rudderstack_variables_keep_their_rudderstack_meaning() {
         Duration::from_secs(7 * 86400),
         "jobRetention no longer deletes finished jobs"
     );
+    // Set without their new names: warned as meaning changes, nothing else.
+    let keys: Vec<&str> = c.ignored.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["BatchRouter.asyncUploadTimeout", "BatchRouter.jobRetention"],
+        "{:?}",
+        c.ignored
+    );
+}
+
+#[test]
+fn renamed_keys_set_without_their_new_names_are_warned() {
+    let toml = format!(
+        "[BatchRouter]\nasyncUploadTimeout = \"10m\"\njobRetention = \"7d\"\n\
+         [BatchRouter.HTTP]\nasyncUploadTimeout = \"1m\"\nuploadCallTimeout = \"2m\"\n{WEB}\
+         [destinations.router]\nasyncUploadTimeout = \"3m\"\n"
+    );
+    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let lines: Vec<String> = c.ignored.iter().map(|i| i.to_string()).collect();
+    // [BatchRouter.HTTP] and web's table are covered by HTTP's uploadCallTimeout.
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for (line, (key, other)) in lines.iter().zip([
+        ("BatchRouter.asyncUploadTimeout", "uploadCallTimeout"),
+        ("BatchRouter.jobRetention", "finishedJobRetention"),
+    ]) {
+        assert!(line.starts_with(key), "{line}");
+        assert!(line.contains(&format!("{other} is not")), "{line}");
+        assert!(line.contains("used to be"), "{line}");
+    }
+    // A destination's own table, with the new name set nowhere.
+    let toml = format!("{WEB}[destinations.router]\nasyncUploadTimeout = \"3m\"\n");
+    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let lines: Vec<String> = c.ignored.iter().map(|i| i.to_string()).collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with("asyncUploadTimeout is set (router table of destination `web`) and uploadCallTimeout is not"),
+        "{}",
+        lines[0]
+    );
+    // The new name set in a broader scope covers narrower ones.
+    let toml = format!(
+        "[BatchRouter]\nuploadCallTimeout = \"10m\"\n[BatchRouter.HTTP]\n\
+         asyncUploadTimeout = \"1m\"\n{WEB}[destinations.router]\nasyncUploadTimeout = \"3m\"\n"
+    );
+    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
     assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+    // With the new names set too, the config is read as meant: no warning.
+    let toml = "[BatchRouter]\nasyncUploadTimeout = \"10m\"\nuploadCallTimeout = \"10m\"\n\
+                jobRetention = \"7d\"\nfinishedJobRetention = \"7d\"\n"
+        .to_string()
+        + WEB;
+    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    assert!(c.ignored.is_empty(), "{:?}", c.ignored);
+}
+
+#[test]
+fn store_wide_retention_keys_are_refused_per_type_and_per_destination() {
+    for (toml, vars, at) in [
+        (
+            format!("[BatchRouter.HTTP]\njobRetention = \"1h\"\n{WEB}"),
+            vec![],
+            "[BatchRouter.HTTP]",
+        ),
+        (
+            format!("{WEB}[destinations.router]\nfinishedJobRetention = \"1h\"\n"),
+            vec![],
+            "destination `web`",
+        ),
+        (
+            WEB.to_string(),
+            vec![("BatchRouter.HTTP.finishedJobRetention", "1h")],
+            "BatchRouter.HTTP.finishedJobRetention",
+        ),
+    ] {
+        let err = load_str(&toml, FileFormat::Toml, env(&vars))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("global-only"), "{err}");
+        assert!(err.contains("Retention"), "{err}");
+        assert!(err.contains(at), "{at}: {err}");
+    }
 }
 
 #[test]

@@ -208,7 +208,9 @@ pub fn parse_duration(s: &str, bare_unit: Duration) -> Result<Duration, String> 
         let fraction = &fraction[..fraction.len().min(18)];
         if !fraction.is_empty() {
             let f: u128 = fraction.parse().map_err(|_| too_large())?;
-            part += f * unit_nanos / 10u128.pow(fraction.len() as u32);
+            part = part
+                .checked_add(f * unit_nanos / 10u128.pow(fraction.len() as u32))
+                .ok_or_else(too_large)?;
         }
         total = total.checked_add(part).ok_or_else(too_large)?;
         rest = &after[unit_len..];
@@ -393,6 +395,9 @@ mod tests {
             "99999999999999999999",
             "999999999999999999999999999999999999999999",
             "213503982334602",
+            // The whole part fits; adding its fraction does not.
+            "340282366920938463463374607431.9s",
+            "3938453320844195178974243.5d",
         ] {
             let err = parse_duration(text, Duration::from_secs(86400)).unwrap_err();
             assert!(err.contains("too large a duration"), "{text}: {err}");

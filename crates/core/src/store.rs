@@ -446,11 +446,16 @@ pub trait JobStore: Send + Sync + 'static {
     /// `executing`, imports still in flight, slots), in one transaction.
     async fn renew_leases(&self, renewal: LeaseRenewal) -> Result<RenewReport, StoreError>;
 
-    /// Takes back at once every lease `owner` holds: a daemon restarted with
-    /// the same identity knows that nothing it held before is in progress.
-    async fn release_owner(
+    /// Takes back at once every lease held by an earlier run of one daemon
+    /// instance: owners spelled `prefix` followed by exactly `nonce_chars`
+    /// more characters (a per-start nonce), except `current` (this run). A
+    /// restarted daemon knows nothing they held is in progress, and a still
+    /// running earlier run (a zombie pod) is fenced out of it from then on.
+    async fn release_earlier_runs(
         &self,
-        owner: &str,
+        prefix: &str,
+        nonce_chars: usize,
+        current: &str,
         now: Timestamp,
     ) -> Result<RecoveryReport, StoreError>;
 

@@ -713,6 +713,18 @@ mod tests {
     }
 
     #[test]
+    fn every_code_for_a_status_is_documented() {
+        let doc = include_str!("../../../docs/api.md");
+        for status in 400..=599u16 {
+            let code = code_for(StatusCode::from_u16(status).unwrap());
+            assert!(
+                doc.contains(&format!("| `{code}` | ")),
+                "docs/api.md lacks a row for `{code}` (status {status})"
+            );
+        }
+    }
+
+    #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00.000Z");
         assert_eq!(

@@ -115,9 +115,10 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
 /// Environment variable naming this daemon's stable identity.
 pub const INSTANCE_ID_ENV: &str = "BATCHROUTER_INSTANCE_ID";
 
-/// The lease owner: `BATCHROUTER_INSTANCE_ID` when set (stable across
-/// restarts, so a restarted daemon takes back its own leases at once; it
-/// must be unique among running daemons), else unique per process.
+/// The lease owner: `instance:<BATCHROUTER_INSTANCE_ID>:<nonce>` when the
+/// id is set (the id is stable across restarts, so a restarted daemon takes
+/// back its earlier runs' leases at once and fences a still-running earlier
+/// run out; it must be unique among running daemons), else unique per process.
 fn lease_owner() -> anyhow::Result<String> {
     match std::env::var(INSTANCE_ID_ENV) {
         Err(std::env::VarError::NotPresent) => Ok(batchrouter_router::default_owner()),

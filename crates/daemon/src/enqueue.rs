@@ -40,10 +40,20 @@ pub async fn run(
         );
     }
     let mut file = open_input(input)?;
-    let lines = validate(&mut file, destination, message_id_field)?;
+    // Which path the jobs take decides the largest line: through the API
+    // each must fit in one request body.
+    let store = match batchrouter_store::open(cfg.store.url.expose()).await {
+        Ok(store) => Some(store),
+        Err(StoreError::Locked(_)) => None,
+        Err(e) => return Err(e).context("cannot open the job store"),
+    };
+    let max_request = store
+        .is_none()
+        .then(|| usize::try_from(cfg.server.max_body_bytes).unwrap_or(usize::MAX));
+    let lines = validate(&mut file, destination, message_id_field, max_request)?;
     file.seek(SeekFrom::Start(0))?;
-    match batchrouter_store::open(cfg.store.url.expose()).await {
-        Ok(store) => {
+    match store {
+        Some(store) => {
             let mut report = EnqueueReport::default();
             for_each_chunk(
                 &mut file,
@@ -64,13 +74,12 @@ pub async fn run(
             debug_assert_eq!(report.inserted + report.duplicates, lines);
             Ok(report)
         }
-        Err(StoreError::Locked(_)) => {
+        None => {
             eprintln!(
                 "The store is owned by a running batchrouterd; sending the jobs through its API."
             );
             via_api(cfg, &mut file, destination, message_id_field).await
         }
-        Err(e) => Err(e).context("cannot open the job store"),
     }
 }
 
@@ -100,11 +109,47 @@ fn message_id(v: &serde_json::Value, field: Option<&str>) -> Result<Option<Strin
     }
 }
 
+/// Bytes one job takes in an API request body (see [`write_api_line`]),
+/// computed without building it.
+fn api_line_len(destination: &str, message_id: Option<&str>, payload: &str) -> usize {
+    let json_len = |s: &str| serde_json::Value::from(s).to_string().len();
+    let envelope = match message_id {
+        Some(m) => r#"{"destinationId":,"messageId":,"payload":}"#.len() + json_len(m),
+        None => r#"{"destinationId":,"payload":}"#.len(),
+    };
+    envelope + json_len(destination) + payload.len() + 1
+}
+
+/// Appends one job to an NDJSON request body; the payload goes in as
+/// written, with no re-serialisation.
+fn write_api_line(body: &mut Vec<u8>, j: &NewJob) {
+    let dest = serde_json::Value::String(j.destination_id.clone());
+    let _ = match &j.message_id {
+        Some(m) => writeln!(
+            body,
+            "{{\"destinationId\":{dest},\"messageId\":{},\"payload\":{}}}",
+            serde_json::Value::String(m.clone()),
+            j.payload
+        ),
+        None => writeln!(
+            body,
+            "{{\"destinationId\":{dest},\"payload\":{}}}",
+            j.payload
+        ),
+    };
+}
+
 /// Checks every line as the store and the API will (JSON object, message
-/// id, [`NewJob::validate`]) before anything is sent, so no chunk can be
-/// refused after earlier ones were stored; lists up to ten problems with
-/// line numbers.
-fn validate(file: &mut File, destination: &str, field: Option<&str>) -> anyhow::Result<u64> {
+/// id, [`NewJob::validate`], and with `max_request` set, that it fits in one
+/// API request body) before anything is sent, so no chunk can be refused
+/// after earlier ones were stored; lists up to ten problems with line
+/// numbers.
+fn validate(
+    file: &mut File,
+    destination: &str,
+    field: Option<&str>,
+    max_request: Option<usize>,
+) -> anyhow::Result<u64> {
     let mut problems = Vec::new();
     let mut count = 0u64;
     for (i, line) in BufReader::new(&mut *file).lines().enumerate() {
@@ -115,6 +160,17 @@ fn validate(file: &mut File, destination: &str, field: Option<&str>) -> anyhow::
         match serde_json::from_str::<serde_json::Value>(&line) {
             Ok(v) if v.is_object() => match message_id(&v, field) {
                 Ok(message_id) => {
+                    let size = api_line_len(destination, message_id.as_deref(), &line);
+                    if let Some(max) = max_request.filter(|&max| size > max) {
+                        problems.push(format!(
+                            "line {}: {size} bytes as a job, more than the running daemon accepts in one request (server.maxBodyBytes = {max})",
+                            i + 1
+                        ));
+                        if problems.len() >= 10 {
+                            break;
+                        }
+                        continue;
+                    }
                     let job = NewJob {
                         destination_id: destination.to_string(),
                         payload: line,
@@ -174,8 +230,8 @@ where
             }
             None => None,
         };
-        // Room for the job envelope around the payload.
-        let size = line.len() + destination.len() + 128;
+        // The job as it goes into a request body, envelope included.
+        let size = api_line_len(destination, message_id.as_deref(), &line);
         if !chunk.is_empty() && bytes + size > max_bytes {
             let (n, d) = f(std::mem::take(&mut chunk)).await?;
             report.inserted += n;
@@ -237,21 +293,7 @@ async fn via_api(
         |jobs| {
             let mut body = Vec::new();
             for j in &jobs {
-                // The payload goes in as written: no re-serialisation.
-                let dest = serde_json::Value::String(j.destination_id.clone());
-                let _ = match &j.message_id {
-                    Some(m) => writeln!(
-                        body,
-                        "{{\"destinationId\":{dest},\"messageId\":{},\"payload\":{}}}",
-                        serde_json::Value::String(m.clone()),
-                        j.payload
-                    ),
-                    None => writeln!(
-                        body,
-                        "{{\"destinationId\":{dest},\"payload\":{}}}",
-                        j.payload
-                    ),
-                };
+                write_api_line(&mut body, j);
             }
             let mut req = client
                 .post(&url)
@@ -284,4 +326,23 @@ async fn via_api(
     )
     .await?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_computed_request_line_length_is_exact() {
+        for (mid, payload) in [(Some("m-\u{1}\"😀"), r#"{"a":"\n"}"#), (None, r#"{"b":1}"#)] {
+            let job = NewJob {
+                destination_id: "we\"b".into(),
+                payload: payload.into(),
+                message_id: mid.map(str::to_string),
+            };
+            let mut body = Vec::new();
+            write_api_line(&mut body, &job);
+            assert_eq!(api_line_len("we\"b", mid, payload), body.len());
+        }
+    }
 }

@@ -21,7 +21,20 @@ pub const ANSWER_WITHIN: Duration = Duration::from_millis(900);
 /// cannot take a batch either.
 const STAGING_PROBE_BYTES: usize = 4096;
 
-type Probe = Shared<BoxFuture<'static, Result<(), String>>>;
+/// Short reasons `/readyz` gives: it is open to anyone, so paths and raw
+/// store errors stay in the log.
+const STORE_REFUSES: &str = "the store refuses writes";
+const STAGING_REFUSES: &str = "the staging directory cannot take a file";
+
+/// Why a probe failed: a generic reason for the open endpoint and the
+/// detail (paths, driver errors) for the log only.
+#[derive(Clone, Debug, PartialEq)]
+struct Unready {
+    reason: String,
+    detail: String,
+}
+
+type Probe = Shared<BoxFuture<'static, Result<(), Unready>>>;
 
 /// Cached write probes of the store and the staging directory.
 #[derive(Clone)]
@@ -39,7 +52,7 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    last: Option<(Instant, Result<(), String>)>,
+    last: Option<(Instant, Result<(), Unready>)>,
     running: Option<Probe>,
 }
 
@@ -74,7 +87,7 @@ impl Readiness {
             let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((at, result)) = &st.last {
                 if at.elapsed() < self.inner.fresh_for {
-                    return result.clone();
+                    return result.clone().map_err(|u| u.reason);
                 }
             }
             match &st.running {
@@ -87,7 +100,7 @@ impl Readiness {
             }
         };
         match tokio::time::timeout(self.inner.answer_within, probe).await {
-            Ok(result) => result,
+            Ok(result) => result.map_err(|u| u.reason),
             Err(_) => Err(format!(
                 "the store or the staging directory did not accept a test write within {:?}",
                 self.inner.answer_within
@@ -103,37 +116,54 @@ impl Readiness {
         let task = tokio::spawn(async move {
             let result = probe(&inner).await;
             let mut st = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            // The detail goes to the log once per change, not per probe.
+            if let Err(u) = &result {
+                let same = matches!(&st.last, Some((_, Err(prev))) if prev == u);
+                if !same {
+                    tracing::warn!(detail = %u.detail, "Not ready: {}.", u.reason);
+                }
+            }
             st.last = Some((Instant::now(), result.clone()));
             st.running = None;
             result
         });
         async move {
-            task.await
-                .unwrap_or_else(|e| Err(format!("readiness probe failed: {e}")))
+            task.await.unwrap_or_else(|e| {
+                Err(Unready {
+                    reason: "the readiness probe failed".into(),
+                    detail: e.to_string(),
+                })
+            })
         }
         .boxed()
         .shared()
     }
 }
 
-async fn probe(inner: &Inner) -> Result<(), String> {
+async fn probe(inner: &Inner) -> Result<(), Unready> {
     let dir = inner.staging_dir.clone();
     let staging = tokio::task::spawn_blocking(move || probe_staging(&dir));
     let store = inner.store.probe_write().await;
     let staging = staging
         .await
         .unwrap_or_else(|e| Err(format!("staging probe failed: {e}")));
-    let mut problems = Vec::new();
+    let mut reasons = Vec::new();
+    let mut details = Vec::new();
     if let Err(e) = store {
-        problems.push(format!("the store refuses writes: {e}"));
+        reasons.push(STORE_REFUSES);
+        details.push(format!("{STORE_REFUSES}: {e}"));
     }
     if let Err(e) = staging {
-        problems.push(e);
+        reasons.push(STAGING_REFUSES);
+        details.push(e);
     }
-    if problems.is_empty() {
+    if reasons.is_empty() {
         Ok(())
     } else {
-        Err(problems.join("; "))
+        Err(Unready {
+            reason: reasons.join("; "),
+            detail: details.join("; "),
+        })
     }
 }
 
@@ -175,5 +205,35 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let e = probe_staging(&file.join("staging")).unwrap_err();
         assert!(e.contains("cannot take a file"), "{e}");
+    }
+
+    #[test]
+    fn the_open_answer_names_no_path_and_the_log_keeps_the_detail() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let staging = file.join("staging");
+        let logs = batchrouter_testkit::logs::LogCapture::default();
+        let _guard = tracing::subscriber::set_default(logs.subscriber(tracing::Level::INFO));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let reason = rt.block_on(async {
+            let url = format!("sqlite://{}/jobs.db", dir.path().display());
+            let store = batchrouter_store::open(&url).await.unwrap();
+            let r = Readiness::new(store, staging.clone());
+            let first = r.check().await.unwrap_err();
+            // Twice: the cached answer is as short as the fresh one.
+            assert_eq!(r.check().await.unwrap_err(), first);
+            first
+        });
+        assert_eq!(reason, STAGING_REFUSES);
+        let text = logs.text();
+        assert!(
+            text.contains("WARN") && text.contains(&staging.display().to_string()),
+            "{text}"
+        );
+        assert_eq!(text.matches("Not ready").count(), 1, "{text}");
     }
 }

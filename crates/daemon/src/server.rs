@@ -117,6 +117,15 @@ impl Drop for Running {
     }
 }
 
+/// `from + after`, or a far-future instant when that overflows, so an
+/// oversized timeout means "practically never" instead of a panic.
+fn deadline(from: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    from.checked_add(after)
+        .or_else(|| from.checked_add(FAR))
+        .unwrap_or(from)
+}
+
 async fn connection(
     stream: TcpStream,
     app: axum::Router,
@@ -159,9 +168,9 @@ async fn connection(
         // While a request runs the handler owns its time (the body-read
         // timeout bounds reading); look again one idle period later.
         let idle_at = if activity.requests.load(Ordering::SeqCst) > 0 {
-            Instant::now() + limits.idle_timeout
+            deadline(Instant::now(), limits.idle_timeout)
         } else {
-            activity.last() + limits.idle_timeout
+            deadline(activity.last(), limits.idle_timeout)
         };
         tokio::select! {
             r = conn.as_mut() => {
@@ -244,5 +253,20 @@ impl AsyncWrite for Tracked {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oversized_idle_timeout_gives_a_far_deadline_not_a_panic() {
+        let now = Instant::now();
+        assert!(deadline(now, Duration::MAX) > now + Duration::from_secs(86_400));
+        assert_eq!(
+            deadline(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
     }
 }

@@ -424,12 +424,25 @@ async fn enqueue_stores_nothing_when_a_late_line_is_bad() {
         0,
         "direct enqueue stored jobs"
     );
-    for bad in [&long_id, &deep] {
+    // A line alone larger than the daemon's 8 KiB request limit: refused
+    // up front, not with a 413 after earlier chunks were stored.
+    let huge = format!(
+        "{{\"id\":\"late\",\"mid\":\"huge\",\"x\":\"{}\"}}",
+        "a".repeat(9000)
+    );
+    for (bad, why) in [
+        (&long_id, "characters"),
+        (&deep, "deeper than 64"),
+        (&huge, "server.maxBodyBytes"),
+    ] {
         std::fs::write(&file, lines_then(600, bad)).unwrap();
         let out = enqueue(&cfg, &file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(stderr.contains("line 601"), "{stderr}");
+        assert!(
+            stderr.contains("line 601") && stderr.contains(why),
+            "{stderr}"
+        );
     }
     assert_eq!(stored(&d.counts("web").await), 0, "API enqueue stored jobs");
     // The same file without its bad line goes through whole; an id of 256
@@ -503,6 +516,37 @@ fn server_timeouts_and_connection_cap_are_configured_and_checked() {
     ] {
         assert!(e.contains(key), "{key} not named in: {e}");
     }
+    // Parseable but beyond 1 h (a deadline this far out would overflow
+    // `Instant`): refused, each key named.
+    let path = write_config(
+        dir.path(),
+        &config(
+            dir.path(),
+            "http://127.0.0.1:9/in",
+            "headerReadTimeout = \"2h\"\nbodyReadTimeout = \"3601s\"\nidleTimeout = \"100000000000d\"",
+        ),
+    );
+    let e = load(&path, std::sync::Arc::new(OsEnv))
+        .unwrap_err()
+        .to_string();
+    for key in [
+        "server.headerReadTimeout",
+        "server.bodyReadTimeout",
+        "server.idleTimeout",
+    ] {
+        assert!(e.contains(&format!("{key}: ")), "{key} not named in: {e}");
+    }
+    assert!(e.contains("1ms to 1h"), "{e}");
+    let path = write_config(
+        dir.path(),
+        &config(
+            dir.path(),
+            "http://127.0.0.1:9/in",
+            "headerReadTimeout = \"1ms\"\nidleTimeout = \"1h\"",
+        ),
+    );
+    let c = load(&path, std::sync::Arc::new(OsEnv)).unwrap();
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(3600));
     // HTTP drops whitespace around header values: such a token could never
     // match, so the config refuses it (without printing it).
     let path = write_config(

@@ -20,6 +20,9 @@ use tokio::task::AbortHandle;
 
 /// The longest `/readyz` may take to answer.
 const ANSWER: Duration = Duration::from_secs(1);
+/// Room on a busy CI machine (2 cores, parallel tests) for the round trip
+/// and scheduling around the daemon's own answer deadline.
+const SLACK: Duration = Duration::from_secs(1);
 
 fn config(store_url: &str, staging: &Path, url: &str) -> String {
     format!(
@@ -41,26 +44,35 @@ url = "{url}"
     )
 }
 
-/// One `/readyz` answer, checked to arrive within [`ANSWER`].
+/// One `/readyz` answer (a hung daemon fails the test, not the run).
 async fn readyz(d: &Daemon) -> (u16, Value) {
-    let start = Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(15), d.get("/readyz"))
+    tokio::time::timeout(Duration::from_secs(15), d.get("/readyz"))
         .await
-        .expect("/readyz answered at all");
+        .expect("/readyz answered at all")
+}
+
+/// One `/readyz` answer, checked to arrive within [`ANSWER`] plus
+/// [`SLACK`]: the sampled requests that carry the one-second property.
+async fn readyz_timed(d: &Daemon) -> (u16, Value) {
+    let start = Instant::now();
+    let answer = readyz(d).await;
     let took = start.elapsed();
-    assert!(
-        took <= ANSWER + Duration::from_millis(300),
-        "/readyz took {took:?}: {answer:?}"
-    );
+    assert!(took <= ANSWER + SLACK, "/readyz took {took:?}: {answer:?}");
     answer
 }
 
-/// Asks `/readyz` until it answers `want` (each answer within a second);
-/// returns the body and how long the change took to show.
+/// Asks `/readyz` until it answers `want`, the first request (the one
+/// that meets the changed state) timed; returns the body and how long the
+/// change took to show.
 async fn until_ready_is(d: &Daemon, want: u16, limit: Duration) -> (Value, Duration) {
     let start = Instant::now();
+    let mut first = true;
     loop {
-        let (status, body) = readyz(d).await;
+        let (status, body) = if std::mem::take(&mut first) {
+            readyz_timed(d).await
+        } else {
+            readyz(d).await
+        };
         if status == want {
             return (body, start.elapsed());
         }
@@ -80,19 +92,20 @@ async fn not_ready_while_staging_cannot_take_a_file() {
     let db = format!("sqlite://{}/jobs.db", dir.path().display());
     let cfg = write_config(dir.path(), &config(&db, &staging, &s.url()));
     let d = Daemon::start(&cfg, &[]);
-    until_ready_is(&d, 200, Duration::from_secs(5)).await;
+    until_ready_is(&d, 200, Duration::from_secs(10)).await;
     // A file where the staging directory should be: no batch can be staged
     // (even by root, unlike a read-only mode).
     std::fs::remove_dir_all(&staging).ok();
     std::fs::write(&staging, b"not a directory").unwrap();
-    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(3)).await;
+    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(6)).await;
     assert_eq!(body["status"], "not_ready");
-    assert!(
-        body["reason"].as_str().unwrap().contains("staging"),
+    // A short reason for this open endpoint: no path, no OS error text.
+    assert_eq!(
+        body["reason"], "the staging directory cannot take a file",
         "{body}"
     );
     std::fs::remove_file(&staging).unwrap();
-    until_ready_is(&d, 200, Duration::from_secs(3)).await;
+    until_ready_is(&d, 200, Duration::from_secs(6)).await;
 }
 
 /// A TCP forwarder in front of PostgreSQL that can be taken down (closing
@@ -200,28 +213,28 @@ async fn not_ready_within_a_second_when_postgres_is_down_or_hangs() {
         &config(&url, &dir.path().join("staging"), &s.url()),
     );
     let d = Daemon::start(&cfg, &[]);
-    until_ready_is(&d, 200, Duration::from_secs(5)).await;
+    until_ready_is(&d, 200, Duration::from_secs(10)).await;
 
     proxy.down();
-    let (body, took) = until_ready_is(&d, 503, Duration::from_secs(3)).await;
-    assert!(took < Duration::from_secs(2), "noticed after {took:?}");
+    let (body, took) = until_ready_is(&d, 503, Duration::from_secs(6)).await;
+    assert!(took < Duration::from_secs(4), "noticed after {took:?}");
     assert!(body["reason"].as_str().unwrap().contains("store"), "{body}");
     proxy.up().await;
-    until_ready_is(&d, 200, Duration::from_secs(15)).await;
+    until_ready_is(&d, 200, Duration::from_secs(30)).await;
 
     proxy.down();
     proxy.hang().await;
-    let (body, took) = until_ready_is(&d, 503, Duration::from_secs(3)).await;
-    assert!(took < Duration::from_secs(2), "noticed after {took:?}");
+    let (body, took) = until_ready_is(&d, 503, Duration::from_secs(6)).await;
+    assert!(took < Duration::from_secs(4), "noticed after {took:?}");
     assert_eq!(body["status"], "not_ready");
     // Every answer while it hangs is still quick.
     for _ in 0..3 {
-        let (status, _) = readyz(&d).await;
+        let (status, _) = readyz_timed(&d).await;
         assert_eq!(status, 503);
     }
     proxy.down();
     proxy.up().await;
-    until_ready_is(&d, 200, Duration::from_secs(20)).await;
+    until_ready_is(&d, 200, Duration::from_secs(30)).await;
 }
 
 /// Whether this machine lets us mount a tmpfs in a private mount namespace
@@ -296,27 +309,27 @@ async fn not_ready_while_the_database_or_staging_disk_is_full() {
         .stderr(Stdio::inherit())
         .env_remove("BATCHROUTER_CONFIG");
     let d = Daemon::from_command(cmd, &cfg);
-    until_ready_is(&d, 200, Duration::from_secs(5)).await;
+    until_ready_is(&d, 200, Duration::from_secs(10)).await;
     // The filler is invisible from here: the daemon's disks are private.
     assert!(!db_dir.join("jobs.db").exists());
 
     // SQLite's disk full: reads still work, writes do not.
     let filler = fill(d.pid(), &db_dir);
-    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(3)).await;
+    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(6)).await;
     let reason = body["reason"].as_str().unwrap();
     assert!(reason.contains("store refuses writes"), "{body}");
     assert!(!reason.contains("staging"), "{body}");
     let (status, v) = d.get("/v1/destinations").await;
     assert_eq!(status, 200, "reads still work: {v}");
     std::fs::remove_file(&filler).unwrap();
-    until_ready_is(&d, 200, Duration::from_secs(3)).await;
+    until_ready_is(&d, 200, Duration::from_secs(6)).await;
 
     // Staging's disk full (ENOSPC): no batch can be staged.
     let filler = fill(d.pid(), &staging);
-    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(3)).await;
+    let (body, _) = until_ready_is(&d, 503, Duration::from_secs(6)).await;
     let reason = body["reason"].as_str().unwrap();
     assert!(reason.contains("staging"), "{body}");
     assert!(!reason.contains("store refuses"), "{body}");
     std::fs::remove_file(&filler).unwrap();
-    until_ready_is(&d, 200, Duration::from_secs(3)).await;
+    until_ready_is(&d, 200, Duration::from_secs(6)).await;
 }

@@ -3,8 +3,9 @@
 //! runs, so when a daemon is killed with `kill -9` the others take its
 //! upload slot, its jobs and its imports within `leaseTimeout` plus one
 //! maintenance round (which runs at least twice per lease); and a daemon
-//! restarted under the same `BATCHROUTER_INSTANCE_ID` takes back what it
-//! held at once.
+//! restarted under the same `BATCHROUTER_INSTANCE_ID` (a new owner
+//! `instance:<id>:<nonce>` per start) takes back what its earlier run held
+//! at once.
 
 mod common;
 
@@ -20,10 +21,12 @@ use common::*;
 const LEASE: Duration = Duration::from_secs(3);
 /// One maintenance round: at most half the shortest lease.
 const ROUND: Duration = Duration::from_millis(1500);
-/// Process scheduling, a claim, staging and one request on two busy cores.
-const SLACK: Duration = Duration::from_secs(3);
-/// How long a step may take to be reached.
-const REACH: Duration = Duration::from_secs(20);
+/// Process scheduling, a claim, staging and one request for three daemons
+/// and PostgreSQL on a busy 2-core CI machine. The bound stays seconds: the
+/// behaviour this guards against took 10 to 20 minutes.
+const SLACK: Duration = Duration::from_secs(10);
+/// How long a step may take to be reached (above `LEASE + ROUND + SLACK`).
+const REACH: Duration = Duration::from_secs(30);
 
 fn config(
     dir: &Path,

@@ -9,7 +9,7 @@
 //! on every re-send of that set ([`upload::idempotency_key`]), so receivers
 //! can drop the repeats a crash after delivery causes.
 //!
-//! Layout: [`config`] (what users write) → [`transform`] (payload → line) →
+//! Layout: [`config`] (what users write) → [`transform`] (job → line) →
 //! [`upload`] (requests and outcome classification).
 
 pub mod config;
@@ -53,7 +53,7 @@ pub struct HttpUploader {
 #[async_trait]
 impl Uploader for HttpUploader {
     fn transform(&self, job: &Job) -> Result<String, TransformError> {
-        transform::to_line(&job.payload)
+        transform::staged_line(job)
     }
 
     async fn upload(&self, batch: &StagedBatch) -> UploadOutput {

@@ -1,5 +1,9 @@
-//! Payload → staged line: the record is sent as enqueued, so the line is the
-//! payload itself, checked to be JSON and kept on one line.
+//! Job → staged line: `<created_at ms> <record>`, where the record is the
+//! payload as enqueued, checked to be JSON and kept on one line. The job's
+//! creation time travels in the line because single mode's
+//! `Idempotency-Key` names it (see [`crate::upload::idempotency_key`]) and
+//! the staged batch carries only the earliest job's; the upload strips it
+//! ([`split_line`]) before sending.
 //!
 //! A record nested deeper than [`MAX_PAYLOAD_DEPTH`] is refused here: a
 //! batch body carries it one level deeper still, and receivers' parsers
@@ -7,7 +11,20 @@
 //! fail every record of the request instead of this one.
 
 use batchrouter_core::job::json_depth;
-use batchrouter_core::{TransformError, MAX_PAYLOAD_DEPTH};
+use batchrouter_core::{Job, Timestamp, TransformError, MAX_PAYLOAD_DEPTH};
+
+/// The staged line for a job: its creation time, a space, its record.
+pub fn staged_line(job: &Job) -> Result<String, TransformError> {
+    let record = to_line(&job.payload)?;
+    Ok(format!("{} {record}", job.created_at.0))
+}
+
+/// Splits a staged line into the job's creation time and its record; `None`
+/// when the line was not written by [`staged_line`].
+pub fn split_line(line: &str) -> Option<(Timestamp, &str)> {
+    let (ms, record) = line.split_once(' ')?;
+    Some((Timestamp(ms.parse().ok()?), record))
+}
 
 /// The staged line for a payload; invalid or too deeply nested JSON aborts
 /// the job.
@@ -55,6 +72,29 @@ mod tests {
             "{e}"
         );
         assert_eq!(to_line("[1,2]").unwrap(), "[1,2]");
+    }
+
+    #[test]
+    fn staged_lines_carry_the_creation_time_and_split_back() {
+        let job = Job {
+            id: 7,
+            destination_id: "h".into(),
+            payload: "{\"a\": 1,\n \"b\": \"x y\"}".into(),
+            message_id: None,
+            attempts: 0,
+            retry_base: 0,
+            first_attempt_at: None,
+            created_at: Timestamp(1_764_460_800_123),
+        };
+        let line = staged_line(&job).unwrap();
+        assert_eq!(line, "1764460800123 {\"a\": 1,  \"b\": \"x y\"}");
+        assert_eq!(
+            split_line(&line),
+            Some((Timestamp(1_764_460_800_123), "{\"a\": 1,  \"b\": \"x y\"}"))
+        );
+        for bad in ["{\"a\": 1}", "", "x {}", "12{}"] {
+            assert_eq!(split_line(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -17,13 +17,14 @@ use std::time::{Duration, SystemTime};
 use batchrouter_core::classify::{error_for_status, parse_retry_after, root_cause};
 use batchrouter_core::{
     DestinationError, DestinationTelemetry, ErrorCode, JobError, JobId, Outcome, StagedBatch,
-    UploadOutput,
+    Timestamp, UploadOutput,
 };
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use tokio::sync::mpsc;
 
 use crate::config::{HttpConfig, Method, Mode};
+use crate::transform::split_line;
 
 /// Body bytes of an error answer kept for the job's reason.
 const ERROR_BODY_LIMIT: usize = 2048;
@@ -32,26 +33,76 @@ const ERROR_BODY_LIMIT: usize = 2048;
 /// `draft-ietf-httpapi-idempotency-key-header`, as Stripe and others use it).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// Longest destination id kept as written in a key; a longer (encoded) one
+/// is cut and suffixed with a hash of the whole id, so every key stays under
+/// 256 characters (the limit Stripe-style receivers apply).
+const KEY_DESTINATION_MAX: usize = 128;
+
 /// The `Idempotency-Key` of a request carrying `records` (a contiguous run of
-/// the batch's jobs in line order), in the mode's shape:
-/// - batch mode, the whole batch in one request: the batch id itself (the
-///   router derives it from the job ids, so a re-send of the same job set
-///   gets the same id);
-/// - batch mode, one of several requests: `<batch id>/<first job id>+<count>`,
-///   which names the run exactly (a batch's line order is fixed);
-/// - single mode: `job-<job id>`, the store's id of the record, the same
-///   whatever batch the record travels in.
-pub fn idempotency_key(mode: Mode, batch: &StagedBatch, records: &[JobId]) -> String {
+/// the batch's jobs in line order, each with its creation time), in the
+/// mode's shape, always prefixed with `<destination id>/`:
+/// - batch mode, the whole batch in one request: `<batch id>-<created ms>`,
+///   the router's batch id (derived from the job ids) and the batch's
+///   creation time (its earliest job's), both the same on a re-send of the
+///   same job set;
+/// - batch mode, one of several requests:
+///   `<batch id>-<created ms>/<first job id>+<count>`, which names the run
+///   exactly (a batch's line order is fixed);
+/// - single mode: `job-<job id>-<created ms>`, the record's store id and
+///   creation time, the same whatever batch the record travels in.
+///
+/// Job ids alone would repeat: a fresh SQLite file, a new PostgreSQL
+/// database or a second environment posting to the same receiver all count
+/// from 1 again, and a receiver dropping repeated keys would discard new
+/// records. The creation time (ms) and the destination id tell them apart.
+pub fn idempotency_key(mode: Mode, batch: &StagedBatch, records: &[(JobId, Timestamp)]) -> String {
+    let dest = key_destination(&batch.destination_id);
+    let set = format!("{}-{}", batch.batch_id, batch.created_at.0);
     match (mode, records) {
-        (Mode::Single, [id]) => format!("job-{id}"),
-        _ if records == batch.job_ids.as_slice() => batch.batch_id.clone(),
+        (Mode::Single, [(id, created)]) => format!("{dest}/job-{id}-{}", created.0),
+        _ if records.len() == batch.job_ids.len()
+            && records
+                .iter()
+                .map(|r| r.0)
+                .eq(batch.job_ids.iter().copied()) =>
+        {
+            format!("{dest}/{set}")
+        }
         _ => format!(
-            "{}/{}+{}",
-            batch.batch_id,
-            records.first().copied().unwrap_or_default(),
+            "{dest}/{set}/{}+{}",
+            records.first().map(|r| r.0).unwrap_or_default(),
             records.len()
         ),
     }
+}
+
+/// The destination id as a header-safe key part: bytes other than ASCII
+/// letters, digits, `-`, `_` and `.` (what config accepts) are
+/// percent-encoded, and an id longer than [`KEY_DESTINATION_MAX`] is cut and
+/// ends in `~` and a hash of the whole id (`~` appears nowhere else).
+fn key_destination(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() <= KEY_DESTINATION_MAX {
+        return out;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Cut before an escape that would be split.
+    let mut cut = KEY_DESTINATION_MAX - 17;
+    if let Some(p) = out[cut.saturating_sub(2)..cut].find('%') {
+        cut = cut - 2 + p;
+    }
+    format!("{}~{h:016x}", &out[..cut])
 }
 
 /// Sends staged batches to one endpoint.
@@ -62,7 +113,11 @@ pub struct Client {
     telemetry: Arc<dyn DestinationTelemetry>,
 }
 
-type Chunk = Result<Vec<(JobId, String)>, String>;
+/// A staged record ready to send: its job, the job's creation time and the
+/// request body part (the staged line without its creation time).
+type Record = (JobId, Timestamp, String);
+
+type Chunk = Result<Vec<Record>, String>;
 
 impl Client {
     /// Builds the HTTP client (no connection is made yet).
@@ -131,9 +186,9 @@ impl Client {
                 }
             };
             let mut body =
-                Vec::with_capacity(chunk.iter().map(|(_, l)| l.len() + 1).sum::<usize>() + 2);
+                Vec::with_capacity(chunk.iter().map(|(_, _, l)| l.len() + 1).sum::<usize>() + 2);
             body.push(b'[');
-            for (i, (_, line)) in chunk.iter().enumerate() {
+            for (i, (_, _, line)) in chunk.iter().enumerate() {
                 if i > 0 {
                     body.push(b',');
                 }
@@ -141,17 +196,17 @@ impl Client {
             }
             body.push(b']');
             done += chunk.len();
-            let ids: Vec<JobId> = chunk.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<(JobId, Timestamp)> = chunk.iter().map(|(id, at, _)| (*id, *at)).collect();
             let key = idempotency_key(Mode::Batch, batch, &ids);
             match self.send(body, &key).await {
                 Ok(()) => chunk
                     .iter()
-                    .for_each(|(id, _)| out.push(*id, Outcome::succeeded())),
+                    .for_each(|(id, _, _)| out.push(*id, Outcome::succeeded())),
                 Err(e) => {
                     let outcome = Outcome::from_destination_error(&e);
                     chunk
                         .iter()
-                        .for_each(|(id, _)| out.push(*id, outcome.clone()));
+                        .for_each(|(id, _, _)| out.push(*id, outcome.clone()));
                     out.note_retry_after(e.retry_after());
                     if !matches!(e, DestinationError::Permanent { .. }) {
                         defer_rest(&mut out, &batch.job_ids[done..], &e);
@@ -184,13 +239,13 @@ impl Client {
                     }
                 });
         let results: Vec<(JobId, Outcome, Option<Duration>)> = records
-            .map(|(id, line)| {
+            .map(|(id, created, line)| {
                 let stop = stop.clone();
                 async move {
                     if let Some(e) = stop.lock().unwrap().clone() {
                         return (id, deferred(&e), None);
                     }
-                    let key = idempotency_key(Mode::Single, batch, &[id]);
+                    let key = idempotency_key(Mode::Single, batch, &[(id, created)]);
                     match self.send(line.into_bytes(), &key).await {
                         Ok(()) => (id, Outcome::succeeded(), None),
                         Err(e) => {
@@ -236,7 +291,7 @@ impl Client {
             Method::Put => self.http.put(self.cfg.url.clone()),
         };
         let mut headers = self.headers.clone();
-        // Batch ids and job ids are ASCII digits, letters and `-/+`.
+        // Keys are ASCII letters, digits and `-_.%~/+` (see `key_destination`).
         if let Ok(v) = HeaderValue::from_str(key) {
             headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), v);
         }
@@ -319,7 +374,8 @@ fn fail_rest(out: &mut UploadOutput, ids: &[JobId], why: &str) {
     }
 }
 
-/// Reads the staged file in chunks of `per_message` lines (blocking).
+/// Reads the staged file in chunks of `per_message` records (blocking); a
+/// line not in the staged format ends the read like an I/O error.
 fn read_chunks(batch: &StagedBatch, per_message: usize, tx: mpsc::Sender<Chunk>) {
     let lines = match batch.lines() {
         Ok(l) => l,
@@ -330,9 +386,16 @@ fn read_chunks(batch: &StagedBatch, per_message: usize, tx: mpsc::Sender<Chunk>)
     };
     let mut chunk = Vec::with_capacity(per_message);
     for item in lines {
+        let item = item.map_err(|e| e.to_string()).and_then(|(id, mut line)| {
+            let (created, record) = split_line(&line)
+                .ok_or_else(|| format!("line of job {id} is not `<created ms> <record>`"))?;
+            let start = line.len() - record.len();
+            line.drain(..start);
+            Ok((id, created, line))
+        });
         match item {
-            Ok(pair) => {
-                chunk.push(pair);
+            Ok(record) => {
+                chunk.push(record);
                 if chunk.len() == per_message {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(per_message));
                     if tx.blocking_send(Ok(full)).is_err() {
@@ -344,12 +407,72 @@ fn read_chunks(batch: &StagedBatch, per_message: usize, tx: mpsc::Sender<Chunk>)
                 if !chunk.is_empty() && tx.blocking_send(Ok(std::mem::take(&mut chunk))).is_err() {
                     return;
                 }
-                let _ = tx.blocking_send(Err(e.to_string()));
+                let _ = tx.blocking_send(Err(e));
                 return;
             }
         }
     }
     if !chunk.is_empty() {
         let _ = tx.blocking_send(Ok(chunk));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(destination_id: &str, batch_id: String, job_ids: Vec<JobId>, at: i64) -> StagedBatch {
+        StagedBatch {
+            batch_id,
+            destination_id: destination_id.into(),
+            destination_type: "HTTP".into(),
+            path: "unused.staged".into(),
+            job_ids,
+            bytes: 0,
+            attempt: 1,
+            created_at: Timestamp(at),
+        }
+    }
+
+    #[test]
+    fn destination_ids_become_short_header_safe_key_parts() {
+        assert_eq!(key_destination("events-eu_1.prod"), "events-eu_1.prod");
+        assert_eq!(key_destination("a/b c~é"), "a%2Fb%20c%7E%C3%A9");
+        let long = key_destination(&"é".repeat(300));
+        assert_eq!(long.len(), KEY_DESTINATION_MAX);
+        let (head, hash) = long.split_once('~').unwrap();
+        assert!(head.starts_with("%C3%A9") && head.len() % 3 == 0, "{head}");
+        assert_eq!(hash.len(), 16);
+        assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{hash}");
+        assert_ne!(long, key_destination(&"é".repeat(301)));
+        // The cut never splits an escape, whatever its offset.
+        for pad in 0..3 {
+            let k = key_destination(&format!("{}{}", "a".repeat(pad), "/".repeat(100)));
+            let head = k.split('~').next().unwrap();
+            assert!(head.len() <= KEY_DESTINATION_MAX - 17);
+            assert_eq!((head.len() - pad) % 3, 0, "{k}");
+        }
+    }
+
+    #[test]
+    fn keys_fit_a_header_and_stay_under_256_characters_at_the_extremes() {
+        let ids: Vec<JobId> = (i64::MAX - 999_999..=i64::MAX).collect();
+        let b = batch(
+            &"%".repeat(500),
+            format!("{}-{}-{:016x}", i64::MAX, ids.len(), u64::MAX),
+            ids.clone(),
+            i64::MAX,
+        );
+        let records: Vec<(JobId, Timestamp)> = ids[1..]
+            .iter()
+            .map(|id| (*id, Timestamp(i64::MIN)))
+            .collect();
+        for key in [
+            idempotency_key(Mode::Batch, &b, &records),
+            idempotency_key(Mode::Single, &b, &[(i64::MIN, Timestamp(i64::MIN))]),
+        ] {
+            assert!(key.len() < 256, "{} characters: {key}", key.len());
+            HeaderValue::from_str(&key).unwrap();
+        }
     }
 }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{
-    validate_upload_output, AsyncDestinationManager, DestinationContext, ErrorCode, Job,
-    NoopTelemetry, Outcome, StagedBatch, Timestamp, UploadOutput,
+    validate_upload_output, AsyncDestinationManager, DestinationContext, ErrorCode, NoopTelemetry,
+    Outcome, StagedBatch, Timestamp, UploadOutput,
 };
 use batchrouter_testkit::http::{Fault, HttpStandIn};
+use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use serde_json::json;
 
 fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
@@ -26,33 +27,13 @@ fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
 }
 
 fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: i64) -> StagedBatch {
-    let mut text = String::new();
-    for id in 1..=n {
-        let job = Job {
-            id,
-            destination_id: "h".into(),
-            payload: json!({"id": format!("r-{id}")}).to_string(),
-            message_id: None,
-            attempts: 0,
-            retry_base: 0,
-            first_attempt_at: None,
-            created_at: Timestamp(0),
-        };
-        text.push_str(&m.transform(&job).unwrap());
-        text.push('\n');
-    }
-    let path = dir.join(format!("faults-{n}.staged"));
-    std::fs::write(&path, &text).unwrap();
-    StagedBatch {
-        batch_id: format!("1-{n}-faults"),
-        destination_id: "h".into(),
-        destination_type: "HTTP".into(),
-        path,
-        job_ids: (1..=n).collect(),
-        bytes: text.len() as u64,
-        attempt: 1,
-        created_at: Timestamp(0),
-    }
+    let spec = BatchSpec::new("h", "HTTP")
+        .with_batch_id(format!("1-{n}-faults"))
+        .with_created_at(Timestamp(0));
+    let jobs = (1..=n).map(|id| (id, json!({"id": format!("r-{id}")}).to_string()));
+    let (batch, refused) = kit::stage_for(dir, &spec, m.as_ref(), jobs);
+    assert!(refused.is_empty(), "{refused:?}");
+    batch
 }
 
 /// The class and code of every outcome, checking no job id was lost first.

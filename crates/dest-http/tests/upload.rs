@@ -9,6 +9,7 @@ use batchrouter_core::{
     StagedBatch, Timestamp, UploadOutput,
 };
 use batchrouter_testkit::http::{Fault, HttpStandIn};
+use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use serde_json::json;
 
 fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
@@ -25,35 +26,18 @@ fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
 
 /// Stages `n` records the way the router does and returns the batch.
 fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: usize) -> StagedBatch {
-    let mut text = String::new();
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let job = Job {
-            id: i as i64 + 1,
-            destination_id: "h".into(),
-            payload: json!({"id": format!("r-{i}"), "v": i}).to_string(),
-            message_id: None,
-            attempts: 0,
-            retry_base: 0,
-            first_attempt_at: None,
-            created_at: Timestamp(0),
-        };
-        text.push_str(&m.transform(&job).unwrap());
-        text.push('\n');
-        ids.push(job.id);
-    }
-    let path = dir.join("batch.staged");
-    std::fs::write(&path, &text).unwrap();
-    StagedBatch {
-        batch_id: "b".into(),
-        destination_id: "h".into(),
-        destination_type: "HTTP".into(),
-        path,
-        job_ids: ids,
-        bytes: text.len() as u64,
-        attempt: 1,
-        created_at: Timestamp(0),
-    }
+    let spec = BatchSpec::new("h", "HTTP")
+        .with_batch_id("b")
+        .with_created_at(Timestamp(0));
+    let jobs = (0..n).map(|i| {
+        (
+            i as i64 + 1,
+            json!({"id": format!("r-{i}"), "v": i}).to_string(),
+        )
+    });
+    let (batch, refused) = kit::stage_for(dir, &spec, m.as_ref(), jobs);
+    assert!(refused.is_empty(), "{refused:?}");
+    batch
 }
 
 fn outcome_counts(out: &UploadOutput) -> (usize, usize, usize, usize) {
@@ -272,28 +256,44 @@ fn router_batch_id(job_ids: &[i64]) -> String {
 
 /// Stages `(job id, payload)` pairs as the router's staging does: a job
 /// whose transform fails is aborted alone (`transform_failed`) and left out.
+/// Job `id` was created at `id` ms (see [`stage_in_store`]).
 fn stage_like_router(
     m: &Arc<dyn AsyncDestinationManager>,
     dir: &std::path::Path,
     jobs: &[(i64, String)],
 ) -> (StagedBatch, Vec<(i64, batchrouter_core::JobError)>) {
+    stage_in_store(m, dir, "h", 0, jobs)
+}
+
+/// As [`stage_like_router`], for destination `destination_id` of a store
+/// whose job `id` was created at `epoch + id` ms; the batch's creation time
+/// is its earliest job's, as the router sets it.
+fn stage_in_store(
+    m: &Arc<dyn AsyncDestinationManager>,
+    dir: &std::path::Path,
+    destination_id: &str,
+    epoch: i64,
+    jobs: &[(i64, String)],
+) -> (StagedBatch, Vec<(i64, batchrouter_core::JobError)>) {
     let (mut text, mut ids, mut aborted) = (String::new(), Vec::new(), Vec::new());
+    let mut earliest = i64::MAX;
     for (id, payload) in jobs {
         let job = Job {
             id: *id,
-            destination_id: "h".into(),
+            destination_id: destination_id.into(),
             payload: payload.clone(),
             message_id: None,
             attempts: 0,
             retry_base: 0,
             first_attempt_at: None,
-            created_at: Timestamp(0),
+            created_at: Timestamp(epoch + id),
         };
         match m.transform(&job) {
             Ok(line) => {
                 text.push_str(&line);
                 text.push('\n');
                 ids.push(*id);
+                earliest = earliest.min(job.created_at.0);
             }
             Err(e) => aborted.push((
                 *id,
@@ -302,17 +302,17 @@ fn stage_like_router(
         }
     }
     let batch_id = router_batch_id(&ids);
-    let path = dir.join(format!("{batch_id}.staged"));
+    let path = dir.join(format!("{destination_id}-{epoch}-{batch_id}.staged"));
     std::fs::write(&path, &text).unwrap();
     let batch = StagedBatch {
         batch_id,
-        destination_id: "h".into(),
+        destination_id: destination_id.into(),
         destination_type: "HTTP".into(),
         path,
         job_ids: ids,
         bytes: text.len() as u64,
         attempt: 1,
-        created_at: Timestamp(0),
+        created_at: Timestamp(earliest),
     };
     (batch, aborted)
 }
@@ -363,15 +363,10 @@ async fn every_request_carries_a_key_stable_for_its_job_set() {
     m.upload(&first).await;
     let (other, _) = stage_like_router(&m, dir.path(), &records(1..=4));
     m.upload(&other).await;
+    // Job `id` was created at `id` ms, so both batches were created at 1.
     let keys = s.idempotency_keys();
-    assert_eq!(
-        keys,
-        vec![
-            Some(first.batch_id.clone()),
-            Some(first.batch_id.clone()),
-            Some(other.batch_id.clone())
-        ]
-    );
+    let whole = |b: &StagedBatch| Some(format!("h/{}-1", b.batch_id));
+    assert_eq!(keys, vec![whole(&first), whole(&first), whole(&other)]);
     assert_ne!(first.batch_id, other.batch_id);
 
     // Several requests per batch: one key per run of jobs, each stable.
@@ -382,11 +377,16 @@ async fn every_request_carries_a_key_stable_for_its_job_set() {
     m.upload(&batch).await;
     let keys: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
     let b = &batch.batch_id;
-    let expected = [format!("{b}/1+2"), format!("{b}/3+2"), format!("{b}/5+1")];
+    let expected = [
+        format!("h/{b}-1/1+2"),
+        format!("h/{b}-1/3+2"),
+        format!("h/{b}-1/5+1"),
+    ];
     assert_eq!(keys[..3], expected[..]);
     assert_eq!(keys[3..], expected[..], "a re-send repeats the keys");
 
-    // Single mode: the key is the job's, whatever batch carries it.
+    // Single mode: the key is the job's (its id and its own creation time,
+    // not its batch's), whatever batch carries it.
     let s = HttpStandIn::start().await;
     let m = manager(json!({"url": s.url(), "mode": "single", "maxInFlight": 1}));
     let (batch, _) = stage_like_router(&m, dir.path(), &records(7..=9));
@@ -395,5 +395,62 @@ async fn every_request_carries_a_key_stable_for_its_job_set() {
     m.upload(&alone).await;
     let mut keys: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
     keys.sort();
-    assert_eq!(keys, vec!["job-7", "job-8", "job-8", "job-9"]);
+    assert_eq!(
+        keys,
+        vec!["h/job-7-7", "h/job-8-8", "h/job-8-8", "h/job-9-9"]
+    );
+}
+
+#[tokio::test]
+async fn stores_that_reuse_job_ids_never_share_a_key() {
+    // A fresh SQLite file, a new PostgreSQL database or a second environment
+    // posting to the same receiver count job ids from 1 again: the same ids,
+    // created at other times or bound for another destination, must not
+    // repeat a key, or a receiver dropping repeats would lose new records.
+    let dir = tempfile::tempdir().unwrap();
+    let day = 86_400_000;
+    let stores = [
+        ("events", 1_764_460_800_000),
+        ("events", 1_764_460_800_000 + day),
+        ("events-staging", 1_764_460_800_000),
+    ];
+    for config in [
+        json!({}),
+        json!({"maxBatchSize": 2}),
+        json!({"mode": "single"}),
+    ] {
+        let mut per_store: Vec<Vec<String>> = Vec::new();
+        for (destination, epoch) in stores {
+            let s = HttpStandIn::start().await;
+            let mut config = config.clone();
+            config["url"] = json!(s.url());
+            let m = manager(config.clone());
+            let (batch, _) = stage_in_store(&m, dir.path(), destination, epoch, &records(1..=5));
+            let out = m.upload(&batch).await;
+            assert_eq!(outcome_counts(&out), (5, 0, 0, 0));
+            let mut first: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
+            // The same store re-sending the same jobs repeats its keys.
+            m.upload(&batch).await;
+            let mut all: Vec<String> = s.idempotency_keys().into_iter().flatten().collect();
+            let mut again = all.split_off(first.len());
+            first.sort();
+            again.sort();
+            assert_eq!(first, again, "{config}");
+            assert!(
+                first
+                    .iter()
+                    .all(|k| k.starts_with(&format!("{destination}/"))),
+                "{first:?}"
+            );
+            per_store.push(first);
+        }
+        for (i, a) in per_store.iter().enumerate() {
+            for b in &per_store[i + 1..] {
+                assert!(
+                    a.iter().all(|k| !b.contains(k)),
+                    "{config}: stores share keys: {a:?} / {b:?}"
+                );
+            }
+        }
+    }
 }

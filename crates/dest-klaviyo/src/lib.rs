@@ -28,6 +28,7 @@
 pub mod client;
 pub mod config;
 pub mod context;
+mod pack;
 pub mod poll;
 pub mod ratelimit;
 pub mod stats;

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use libssh2_sys as raw;
 use ssh2::{ErrorCode as SshCode, Session, Sftp};
 
-use crate::config::{read_key_file, Auth, KeySource, Settings};
+use crate::config::{Auth, KeySource, Settings};
 use crate::error::SftpError;
 use crate::hostkey;
+use crate::key::read_key_file;
 use crate::rename::{PosixRename, RenameChannel};
 
 /// Ciphers in our order of preference, measured through libssh2 (see the

@@ -8,8 +8,9 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use ssh2::{CheckResult, HashType, KnownHostFileKind, KnownHosts, Session};
 
-use crate::config::{read_ssh_string, HostKeyPolicy, Settings};
+use crate::config::{HostKeyPolicy, Settings};
 use crate::error::SftpError;
+use crate::key::read_ssh_string;
 
 /// Host-key algorithms in OpenSSH's own order of preference, so the key we
 /// check is the one `ssh` shows its users (and writes to `known_hosts`).

@@ -27,8 +27,8 @@
 //! Module map: [`config`] (keys and validation), [`path`] (file name
 //! templates), [`transform`] (job → staged line), [`render`] (CSV/JSON file
 //! content), [`pipeline`] (keeps the SFTP write pipe full), [`hostkey`]
-//! (host-key checks), `client` (SSH session, bounded name lookup),
-//! `rename` (posix-rename), `strays` (`.part` files of failed uploads),
+//! (host-key checks), `key` (private-key reading and checks), `client` (SSH session, bounded name lookup),
+//! `remote` (mkdir -p, unlink, write errors), `rename` (posix-rename), `strays` (`.part` files of failed uploads),
 //! [`upload`] (the uploader), [`error`] (failure classes).
 
 #![warn(missing_docs)]
@@ -37,8 +37,10 @@ mod client;
 pub mod config;
 pub mod error;
 pub mod hostkey;
+mod key;
 pub mod path;
 pub mod pipeline;
+mod remote;
 mod rename;
 pub mod render;
 mod strays;

@@ -2,7 +2,7 @@
 //! size-checked, then renamed over `<name>`. All SSH work happens on a
 //! blocking thread under the destination's single session.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,15 +14,14 @@ use batchrouter_core::{
     StagedBatch, Timestamp, TransformError, UploadOutput, Uploader,
 };
 use libssh2_sys as raw;
-use ssh2::{ErrorCode as SshCode, OpenFlags, OpenType, RenameFlags, Sftp};
+use ssh2::{ErrorCode as SshCode, OpenFlags, OpenType, RenameFlags};
 
 use crate::client::Connection;
 use crate::config::{HostKeyPolicy, Settings};
-use crate::error::{
-    sftp_status_from_io_message, sftp_status_is_permanent, sftp_status_words, SftpError,
-};
+use crate::error::SftpError;
 use crate::path::parent;
 use crate::pipeline::Pipelined;
+use crate::remote::{ensure_dir, unlink_if_present, write_error, Counting, StopOnCancel};
 use crate::rename::PosixRename;
 use crate::render::{render, ColumnRules, RenderError};
 use crate::strays::StrayParts;
@@ -35,8 +34,6 @@ pub const IN_FLIGHT: usize = 4 << 20;
 
 /// Mode of created files (the server's umask applies on top).
 const FILE_MODE: i32 = 0o644;
-/// Mode of created directories (the server's umask applies on top).
-const DIR_MODE: i32 = 0o755;
 
 /// The SFTP fire-and-forget uploader (wrap it in
 /// [`batchrouter_core::SimpleAsyncDestinationManager`]; [`crate::build`] does).
@@ -587,111 +584,5 @@ impl Shared {
             }
             Err(e) => Err(SftpError::from_ssh("rename", remote, &e)),
         }
-    }
-}
-
-/// Classifies a failed write into the remote file.
-fn write_error(conn: &Connection, part: &str, e: &io::Error) -> SftpError {
-    if e.kind() == io::ErrorKind::TimedOut {
-        return SftpError::Transport {
-            message: format!("remote write failed for {part}: timed out ({e})"),
-            timed_out: true,
-        };
-    }
-    let status = sftp_status_from_io_message(&e.to_string())
-        .filter(|_| conn.last_session_code() == Some(raw::LIBSSH2_ERROR_SFTP_PROTOCOL));
-    match status {
-        Some(code) => SftpError::Remote {
-            op: "remote write",
-            path: part.to_string(),
-            reason: sftp_status_words(code),
-            permanent: sftp_status_is_permanent(code),
-        },
-        None => SftpError::Transport {
-            message: format!("remote write failed for {part}: connection lost ({e})"),
-            timed_out: false,
-        },
-    }
-}
-
-/// Removes a remote file; `Ok(false)` when it was not there.
-fn unlink_if_present(sftp: &Sftp, path: &str) -> Result<bool, SftpError> {
-    match sftp.unlink(Path::new(path)) {
-        Ok(()) => Ok(true),
-        Err(e)
-            if e.code() == SshCode::SFTP(raw::LIBSSH2_FX_NO_SUCH_FILE)
-                || e.code() == SshCode::SFTP(raw::LIBSSH2_FX_NO_SUCH_PATH) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(SftpError::from_ssh("unlink", path, &e)),
-    }
-}
-
-/// `mkdir -p` over SFTP.
-fn ensure_dir(sftp: &Sftp, dir: &str) -> Result<(), SftpError> {
-    if dir.is_empty() || dir == "/" || dir == "." {
-        return Ok(());
-    }
-    match sftp.stat(Path::new(dir)) {
-        Ok(st) if st.is_dir() => return Ok(()),
-        Ok(_) => {
-            return Err(SftpError::Remote {
-                op: "mkdir",
-                path: dir.to_string(),
-                reason: "exists and is not a directory".into(),
-                permanent: true,
-            })
-        }
-        Err(e) if e.code() == SshCode::SFTP(raw::LIBSSH2_FX_NO_SUCH_FILE) => {}
-        Err(e) => return Err(SftpError::from_ssh("stat", dir, &e)),
-    }
-    ensure_dir(sftp, parent(dir))?;
-    match sftp.mkdir(Path::new(dir), DIR_MODE) {
-        Ok(()) => Ok(()),
-        // Someone else created it meanwhile.
-        Err(_) if sftp.stat(Path::new(dir)).is_ok_and(|st| st.is_dir()) => Ok(()),
-        Err(e) => Err(SftpError::from_ssh("mkdir", dir, &e)),
-    }
-}
-
-/// Counts bytes acknowledged by the remote file.
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Refuses more output once the upload is cancelled. It sits above the
-/// pipeline, so libssh2 is never left holding a half-sent request.
-struct StopOnCancel<'a, W> {
-    inner: W,
-    cancel: &'a AtomicBool,
-}
-
-impl<W: Write> Write for StopOnCancel<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::other("upload cancelled"));
-        }
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::other("upload cancelled"));
-        }
-        self.inner.flush()
     }
 }

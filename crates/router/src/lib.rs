@@ -54,6 +54,10 @@ pub(crate) struct Destination {
     pub(crate) wake_poller: Notify,
     /// The destination asked us to pause (throttling) until then.
     pub(crate) paused_until: Mutex<Option<Timestamp>>,
+    /// Failed results (stats) fetches in a row per completed import, seen
+    /// by this process: past the deadline an import needs
+    /// `poller::STATS_FAILURES_PAST_DEADLINE` of them before it is given up.
+    pub(crate) stats_failures: Mutex<std::collections::HashMap<batchrouter_core::ImportId, u32>>,
 }
 
 /// What every task of one router shares.
@@ -85,8 +89,8 @@ pub enum RouterError {
 #[derive(Clone, Debug)]
 pub struct RouterOptions {
     /// Lease owner name (this daemon's identity): unique among the daemons
-    /// running on one store. A stable one (see [`instance_owner`]) lets a
-    /// restarted daemon take back its own leases at once.
+    /// running on one store. An instance one (see [`instance_owner`]) lets a
+    /// restarted daemon take back its earlier runs' leases at once.
     pub owner: String,
     /// Where staged files go (`by-owner/<owner>/<destination>/` under it).
     pub staging_dir: PathBuf,
@@ -125,11 +129,30 @@ impl Default for RouterOptions {
     }
 }
 
-/// A stable lease owner for a configured instance id (e.g. a StatefulSet
-/// pod name): the same after a restart, so the new process takes back what
-/// the old one held at once instead of waiting for its leases to expire.
+/// Characters of the per-start nonce ending an instance owner (hex).
+pub const INSTANCE_NONCE_CHARS: usize = 16;
+
+/// The lease owner for a configured instance id (e.g. a StatefulSet pod
+/// name): `instance:<id>:<nonce>`, the nonce random per start. At start the
+/// router takes back at once what earlier runs of the same id held (see
+/// [`instance_owner_prefix`]), and an earlier run still alive (a zombie pod)
+/// is fenced out, as its owner name differs from ours.
 pub fn instance_owner(instance_id: &str) -> String {
-    format!("instance:{}", instance_id.trim())
+    format!("instance:{}:{:016x}", instance_id.trim(), fastrand::u64(..))
+}
+
+/// The part of an [`instance_owner`] shared by every run of that instance
+/// (`instance:<id>:`), or `None` for other owner names.
+pub fn instance_owner_prefix(owner: &str) -> Option<&str> {
+    let cut = owner.len().checked_sub(INSTANCE_NONCE_CHARS)?;
+    let (prefix, nonce) = (owner.get(..cut)?, owner.get(cut..)?);
+    let well_formed = prefix.starts_with("instance:")
+        && prefix.len() > "instance::".len()
+        && prefix.ends_with(':')
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    well_formed.then_some(prefix)
 }
 
 /// A unique lease owner: host, pid and a random suffix.
@@ -197,7 +220,15 @@ impl RouterBuilder {
         let expired = self.store.recover(now).await?;
         // Whatever this identity held belongs to an earlier run of this
         // daemon (a crash or kill): nothing of it is in progress any more.
-        let own = self.store.release_owner(&self.options.owner, now).await?;
+        let own = match instance_owner_prefix(&self.options.owner) {
+            Some(prefix) => {
+                self.store
+                    .release_earlier_runs(prefix, INSTANCE_NONCE_CHARS, &self.options.owner, now)
+                    .await?
+            }
+            // A per-process owner has no earlier runs.
+            None => batchrouter_core::store::RecoveryReport::default(),
+        };
         tracing::info!(
             owner = %self.options.owner,
             jobs_released = expired.jobs_released + own.jobs_released,
@@ -242,6 +273,7 @@ impl RouterBuilder {
                 wake_worker: Notify::new(),
                 wake_poller: Notify::new(),
                 paused_until: Mutex::new(None),
+                stats_failures: Mutex::new(Default::default()),
             });
             tracing::info!(destination_id = %id, destination_type = %kind, "Starting destination worker and poll loop.");
             tasks.push(tokio::spawn(worker::run(d.clone(), shared.clone())));
@@ -544,5 +576,23 @@ async fn sweep(shared: &Shared, before: Timestamp) {
             deleted = total,
             "Retention sweep deleted old terminal jobs."
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_owners_differ_per_start_and_share_their_prefix() {
+        let (a, b) = (instance_owner(" pod:0 "), instance_owner("pod:0"));
+        assert_ne!(a, b, "a random nonce per start");
+        assert_eq!(instance_owner_prefix(&a), Some("instance:pod:0:"));
+        assert_eq!(instance_owner_prefix(&b), Some("instance:pod:0:"));
+        assert_eq!(a.len(), "instance:pod:0:".len() + INSTANCE_NONCE_CHARS);
+        assert_eq!(instance_owner_prefix(&default_owner()), None);
+        assert_eq!(instance_owner_prefix("instance::0123456789abcdef"), None);
+        assert_eq!(instance_owner_prefix("instance:x:0123456789abcdeg"), None);
+        assert_eq!(instance_owner_prefix("short"), None);
     }
 }

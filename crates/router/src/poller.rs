@@ -2,7 +2,8 @@
 //! stats when they complete and writes every job's outcome. A poll that
 //! errors never fails an import: it is retried until the import deadline.
 //! Past the deadline an unfinished import is retried (uploaded again) and a
-//! completed one whose results cannot be read is aborted (`results_unavailable`).
+//! completed one whose results cannot be read is aborted (`results_unavailable`)
+//! once their fetch has failed `STATS_FAILURES_PAST_DEADLINE` times in a row.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -220,13 +221,23 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             };
             match stats {
                 // The destination imported the batch; only its per-record
-                // results are missing. Past the deadline the import ends so
-                // its slot is freed, and its jobs are not uploaded again.
-                Err(e) if Timestamp::now() >= imp.deadline_at => {
-                    results_unavailable(dest, shared, &imp, &infos, &e).await
+                // results are missing. Past the deadline the import ends
+                // (its slot is freed and its jobs are not uploaded again)
+                // once the fetch has failed several times in a row, so a
+                // daemon back from downtime past the deadline still tries.
+                Err(e) => {
+                    let failures = note_stats_failure(dest, imp.id);
+                    if Timestamp::now() >= imp.deadline_at
+                        && failures >= STATS_FAILURES_PAST_DEADLINE
+                    {
+                        forget_stats_failures(dest, imp.id);
+                        results_unavailable(dest, shared, &imp, &infos, &e).await
+                    } else {
+                        poll_error(dest, shared, &imp, &e, "stats").await
+                    }
                 }
-                Err(e) => poll_error(dest, shared, &imp, &e, "stats").await,
                 Ok(stats) => {
+                    forget_stats_failures(dest, imp.id);
                     crate::crash::point("after_stats");
                     PollFinished {
                         import_id: imp.id,
@@ -295,6 +306,32 @@ async fn deadline_passed(
         transitions,
     )
     .await;
+}
+
+/// Failed results fetches in a row (seen by this process) after which an
+/// import past its deadline ends with `results_unavailable`.
+pub(crate) const STATS_FAILURES_PAST_DEADLINE: u32 = 3;
+
+/// Counts one more failed stats fetch for `import`; answers the count.
+fn note_stats_failure(dest: &Destination, import: batchrouter_core::ImportId) -> u32 {
+    let mut m = dest
+        .stats_failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    // Imports another daemon finished leave entries behind: keep it small.
+    if m.len() >= 4096 && !m.contains_key(&import) {
+        m.clear();
+    }
+    let n = m.entry(import).or_insert(0);
+    *n += 1;
+    *n
+}
+
+fn forget_stats_failures(dest: &Destination, import: batchrouter_core::ImportId) {
+    dest.stats_failures
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&import);
 }
 
 /// An import that completed but whose per-record results could not be read

@@ -32,6 +32,10 @@ pub struct KeySpec {
     pub doc: &'static str,
 }
 
+/// Store-wide keys: refused per type and per destination, where they would
+/// have no effect.
+pub const GLOBAL_ONLY_KEYS: &[&str] = &["finishedJobRetention", "jobRetention"];
+
 /// Every router key under its primary name. Per-destination keys may be
 /// overridden per type and per destination; `finishedJobRetention` and
 /// `jobRetention` apply to the whole store. Names shared with RudderStack's `BatchRouter.*` keys
@@ -52,7 +56,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec { name: "leaseTimeout", kind: KeyKind::Duration(Duration::from_secs(300), SEC), doc: "Claimed jobs and polled imports are taken back this long after their holder stops renewing." },
     KeySpec { name: "shutdownTimeout", kind: KeyKind::Duration(Duration::from_secs(30), SEC), doc: "Graceful shutdown waits this long for uploads in flight." },
     KeySpec { name: "finishedJobRetention", kind: KeyKind::Duration(Duration::from_secs(7 * 86400), HOUR), doc: "Finished jobs (succeeded, aborted) older than this are deleted (store-wide)." },
-    KeySpec { name: "jobRetention", kind: KeyKind::Duration(Duration::from_secs(720 * 3600), HOUR), doc: "Waiting or failed jobs older than this are aborted (expired), configured destination or not (store-wide; RudderStack's meaning)." },
+    KeySpec { name: "jobRetention", kind: KeyKind::Duration(Duration::from_secs(720 * 3600), HOUR), doc: "Waiting or failed jobs created more than jobRetention ago and untouched for that long are aborted (expired), configured destination or not; a claim, retry or re-drive restarts the clock (store-wide; RudderStack's meaning)." },
 ];
 
 /// Another name read for one of [`KEYS`]: RudderStack's name (or our own
@@ -173,18 +177,88 @@ pub struct IgnoredSetting {
     pub key: String,
     /// Where it was set (an environment variable, the config file, a router table).
     pub origin: String,
-    /// Why it has no effect.
+    /// Why it has no effect (or, for a renamed key, how its meaning changed).
     pub why: &'static str,
+    /// For a key whose meaning changed with a rename: the key that now has
+    /// its old meaning and is not set (the warning names both).
+    pub renamed_to: Option<&'static str>,
 }
 
 impl std::fmt::Display for IgnoredSetting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "RudderStack key {} is set ({}) but ignored: {}",
-            self.key, self.origin, self.why
-        )
+        match self.renamed_to {
+            Some(other) => write!(
+                f,
+                "{} is set ({}) and {} is not: {}",
+                self.key, self.origin, other, self.why
+            ),
+            None => write!(
+                f,
+                "RudderStack key {} is set ({}) but ignored: {}",
+                self.key, self.origin, self.why
+            ),
+        }
     }
+}
+
+/// Keys whose meaning changed when our old meaning moved to a new name:
+/// `(key, new name of the old meaning, what changed)`.
+const MEANING_CHANGED: &[(&str, &str, &str)] = &[
+    (
+        "asyncUploadTimeout",
+        "uploadCallTimeout",
+        "asyncUploadTimeout used to be the upload call's timeout and now is the age at which a staged batch is uploaded (RudderStack's meaning); the call timeout is now uploadCallTimeout",
+    ),
+    (
+        "jobRetention",
+        "finishedJobRetention",
+        "jobRetention used to be how long finished jobs are kept before deletion and now aborts waiting/failed jobs that old (RudderStack's meaning); deletion of finished jobs is now finishedJobRetention",
+    ),
+];
+
+/// Renamed keys set (globally, for one of `types`, or in a destination's
+/// `router` table, given as `(id, type, table)`) while their new name is set
+/// neither there nor in a broader scope: an old config may mean the old
+/// meaning, so these join the ignored-key warnings.
+pub fn meaning_changes_in(
+    source: &dyn ConfigSource,
+    types: &[&str],
+    router_tables: &[(&str, &str, &std::collections::BTreeMap<String, String>)],
+) -> Vec<IgnoredSetting> {
+    let mut found = Vec::new();
+    let set = |scope: &str, key: &str| source.get(&format!("{scope}.{key}")).is_some();
+    for (key, other, why) in MEANING_CHANGED {
+        let global_other = set("BatchRouter", other);
+        let mut scopes = vec!["BatchRouter".to_string()];
+        scopes.extend(types.iter().map(|t| format!("BatchRouter.{t}")));
+        for scope in scopes {
+            let at = format!("{scope}.{key}");
+            if let Some((_, origin)) = source.get(&at) {
+                if !global_other && !set(&scope, other) {
+                    found.push(IgnoredSetting {
+                        key: at,
+                        origin,
+                        why,
+                        renamed_to: Some(other),
+                    });
+                }
+            }
+        }
+        for (id, kind, router) in router_tables {
+            let other_set = global_other
+                || set(&format!("BatchRouter.{kind}"), other)
+                || router.contains_key(*other);
+            if router.contains_key(*key) && !other_set {
+                found.push(IgnoredSetting {
+                    key: key.to_string(),
+                    origin: format!("router table of destination `{id}`"),
+                    why,
+                    renamed_to: Some(other),
+                });
+            }
+        }
+    }
+    found
 }
 
 /// Every ignored RudderStack key set in `source`, globally or for one of
@@ -205,6 +279,7 @@ pub fn ignored_in(source: &dyn ConfigSource, types: &[&str]) -> Vec<IgnoredSetti
                     key,
                     origin,
                     why: k.why,
+                    renamed_to: None,
                 });
             }
         }
@@ -224,6 +299,7 @@ pub fn ignored_in_router_table(
                 key: name.clone(),
                 origin: format!("router table of destination `{destination_id}`"),
                 why: k.why,
+                renamed_to: None,
             })
         })
         .collect()
@@ -269,7 +345,8 @@ pub struct RouterSettings {
     pub shutdown_timeout: Duration,
     /// `finishedJobRetention`: finished jobs older than this are deleted.
     pub finished_job_retention: Duration,
-    /// `jobRetention`: unprocessed jobs older than this are aborted (`expired`).
+    /// `jobRetention`: unprocessed jobs created longer ago than this and
+    /// untouched for as long are aborted (`expired`).
     pub job_retention: Duration,
 }
 

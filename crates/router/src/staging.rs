@@ -536,6 +536,30 @@ mod tests {
     }
 
     #[test]
+    fn each_run_of_an_instance_stages_apart_and_stopped_runs_folders_go() {
+        let root = tempfile::tempdir().unwrap();
+        let id = "pod-with-a-rather-long-statefulset-name-0123456789";
+        let (o1, o2, o3) = (
+            crate::instance_owner(id),
+            crate::instance_owner(id),
+            crate::instance_owner(id),
+        );
+        let (run1, _) = OwnerStaging::open(root.path(), &o1, Duration::ZERO).unwrap();
+        let (run2, _) = OwnerStaging::open(root.path(), &o2, Duration::ZERO).unwrap();
+        assert_ne!(run1.dir(), run2.dir(), "the nonce separates the runs");
+        let (f1, f2) = (run1.dir().join("b.staged"), run2.dir().join("b.staged"));
+        std::fs::write(&f1, b"1").unwrap();
+        std::fs::write(&f2, b"22").unwrap();
+        // Run 1 is still alive (a zombie) when run 2 stopped and run 3 starts.
+        drop(run2);
+        let (_run3, removed) = OwnerStaging::open(root.path(), &o3, Duration::ZERO).unwrap();
+        assert!(f1.exists(), "a live earlier run's files are kept");
+        assert!(!f2.exists(), "a stopped earlier run's folder is removed");
+        assert_eq!((removed.stopped_owners, removed.live_owners), (1, 1));
+        assert_eq!((removed.files, removed.bytes), (1, 2));
+    }
+
+    #[test]
     fn a_held_identity_keeps_its_files_and_interrupted_removals_finish() {
         let root = tempfile::tempdir().unwrap();
         let (first, _) = OwnerStaging::open(root.path(), "x", Duration::ZERO).unwrap();

@@ -155,9 +155,18 @@ impl JobStore for TimedStore {
     async fn renew_leases(&self, r: LeaseRenewal) -> Result<RenewReport, StoreError> {
         self.timed("renew_leases", self.inner.renew_leases(r)).await
     }
-    async fn release_owner(&self, o: &str, n: Timestamp) -> Result<RecoveryReport, StoreError> {
-        self.timed("release_owner", self.inner.release_owner(o, n))
-            .await
+    async fn release_earlier_runs(
+        &self,
+        p: &str,
+        c: usize,
+        o: &str,
+        n: Timestamp,
+    ) -> Result<RecoveryReport, StoreError> {
+        self.timed(
+            "release_earlier_runs",
+            self.inner.release_earlier_runs(p, c, o, n),
+        )
+        .await
     }
     async fn expire_jobs(
         &self,

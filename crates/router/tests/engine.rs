@@ -263,8 +263,12 @@ async fn throttling_never_aborts_old_jobs_that_were_never_uploaded() {
         .insert_jobs(numbered_jobs("t", "t", 5), old)
         .await
         .unwrap();
+    // No attempt budget: jobs give up when the budget AND the window are
+    // spent, so with `maxRetries = 0` the window alone decides — were it
+    // counted from creation, the throttled jobs would be aborted here.
     let settings = RouterSettings {
         retry_time_window: Duration::from_secs(600),
+        max_retries: 0,
         ..fast()
     };
     let router = start(
@@ -337,6 +341,64 @@ async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up()
         "polled to completion, not uploaded again"
     );
     assert_eq!(first.uploads.load(Ordering::SeqCst), 1);
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_fetch_failing_once_after_downtime_past_the_deadline_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.db");
+    let first = Arc::new(Recording::default());
+    *first.behaviour.lock().unwrap() = Behaviour::ImportForever;
+    let settings = RouterSettings {
+        import_deadline: Duration::from_secs(2),
+        ..fast()
+    };
+    {
+        let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+        store
+            .insert_jobs(numbered_jobs("d", "x", 4), Timestamp::now())
+            .await
+            .unwrap();
+        let router = start(
+            store.clone(),
+            dir.path(),
+            vec![("d", "TEST", first.clone(), settings.clone())],
+        )
+        .await;
+        wait_for("an import in flight", LIMIT, || {
+            let store = store.clone();
+            async move { n(&counts(&store, "d").await, JobState::Importing) == 4 }
+        })
+        .await;
+        router.abort();
+    }
+    // Down past the deadline; meanwhile the destination finished the import
+    // (one record rejected), and its results endpoint fails once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let store: Arc<dyn JobStore> = reopen(&path).await;
+    let second = Arc::new(Recording::default());
+    *second.behaviour.lock().unwrap() = Behaviour::ImportWithFailures { polls: 1 };
+    second.stats_failures_left.store(1, Ordering::SeqCst);
+    let router = start(
+        store.clone(),
+        dir.path(),
+        vec![("d", "TEST", second.clone(), settings)],
+    )
+    .await;
+    let c = settle(&store, "d", LIMIT).await;
+    assert_eq!(
+        (n(&c, JobState::Succeeded), n(&c, JobState::Aborted)),
+        (3, 1),
+        "the jobs get their real outcomes, not results_unavailable: {:?}",
+        readable(&c)
+    );
+    assert_eq!(second.stats_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        second.uploads.load(Ordering::SeqCst),
+        0,
+        "not uploaded again"
+    );
     router.shutdown().await;
 }
 

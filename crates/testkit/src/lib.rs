@@ -5,10 +5,12 @@
 //! (see `docs/destinations/`), failure modes included, so managers are tested
 //! against the shapes they will meet in production.
 
+pub mod conformance;
 pub mod http;
 pub mod jobs;
 pub mod klaviyo;
 pub mod logs;
+pub mod manager;
 pub mod marketo;
 pub mod measure;
 pub mod postgres;

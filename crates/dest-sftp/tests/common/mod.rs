@@ -1,42 +1,27 @@
-//! Shared helpers of the SFTP integration tests: configs pointing at a
-//! throwaway sshd, staged batches built through the real transform, and a
-//! telemetry recorder.
+//! SFTP-specific helpers of the integration tests: configs pointing at a
+//! throwaway sshd and remote directories. Staging through the real
+//! transform and the telemetry recorder come from
+//! `batchrouter_testkit::manager`, shared with every destination's tests.
 
 #![allow(dead_code)]
 
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use batchrouter_core::{
-    DestinationContext, DestinationTelemetry, ErrorCode, Job, JobError, JobId, StagedBatch,
-    Timestamp, Uploader,
+    DestinationContext, ErrorCode, JobError, JobId, StagedBatch, Timestamp, Uploader,
 };
 use batchrouter_dest_sftp::SftpUploader;
+pub use batchrouter_testkit::manager::RecordingTelemetry as Recorder;
+use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use batchrouter_testkit::sshd::Sshd;
 use serde_json::{json, Value};
 
-/// Records every telemetry call.
-#[derive(Default)]
-pub struct Recorder {
-    pub requests: Mutex<Vec<String>>,
-}
-
-impl DestinationTelemetry for Recorder {
-    fn request(&self, status: &str) {
-        self.requests.lock().unwrap().push(status.to_string());
-    }
-}
-
-impl Recorder {
-    pub fn statuses(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
+const DESTINATION_ID: &str = "sftp-test";
 
 pub fn ctx(recorder: &Arc<Recorder>) -> DestinationContext {
     DestinationContext {
-        id: "sftp-test".into(),
+        id: DESTINATION_ID.into(),
         destination_type: "SFTP".into(),
         telemetry: recorder.clone(),
     }
@@ -64,7 +49,24 @@ pub fn uploader(config: &Value) -> (SftpUploader, Arc<Recorder>) {
     (u, rec)
 }
 
-/// Stages `payloads` through the uploader's own transform, as the router does.
+/// The batch spec of a test batch, jobs numbered 1.. in `payloads` order.
+fn numbered(
+    batch_id: &str,
+    created_at: Timestamp,
+    payloads: impl IntoIterator<Item = String>,
+) -> (BatchSpec, impl Iterator<Item = (JobId, String)>) {
+    let spec = BatchSpec::new(DESTINATION_ID, batchrouter_dest_sftp::DESTINATION_TYPE)
+        .with_batch_id(batch_id)
+        .with_created_at(created_at);
+    let jobs = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (i as JobId + 1, p));
+    (spec, jobs)
+}
+
+/// Stages `payloads` through the uploader's own transform, as the router
+/// does; every payload must transform.
 pub fn stage(
     uploader: &SftpUploader,
     dir: &Path,
@@ -72,37 +74,10 @@ pub fn stage(
     created_at: Timestamp,
     payloads: impl IntoIterator<Item = String>,
 ) -> StagedBatch {
-    let path = dir.join(format!("{batch_id}.staged"));
-    let mut w = BufWriter::new(std::fs::File::create(&path).unwrap());
-    let mut ids = Vec::new();
-    for (i, payload) in payloads.into_iter().enumerate() {
-        let job = Job {
-            id: i as i64 + 1,
-            destination_id: "sftp-test".into(),
-            payload,
-            message_id: None,
-            attempts: 0,
-            retry_base: 0,
-            first_attempt_at: None,
-            created_at,
-        };
-        let line = uploader.transform(&job).expect("transform");
-        w.write_all(line.as_bytes()).unwrap();
-        w.write_all(b"\n").unwrap();
-        ids.push(job.id);
-    }
-    w.flush().unwrap();
-    drop(w);
-    StagedBatch {
-        batch_id: batch_id.into(),
-        destination_id: "sftp-test".into(),
-        destination_type: "SFTP".into(),
-        bytes: std::fs::metadata(&path).unwrap().len(),
-        path,
-        job_ids: ids,
-        attempt: 1,
-        created_at,
-    }
+    let (spec, jobs) = numbered(batch_id, created_at, payloads);
+    let (batch, refused) = kit::stage(dir, &spec, |j| uploader.transform(j), jobs);
+    assert!(refused.is_empty(), "transform: {refused:?}");
+    batch
 }
 
 /// Stages `payloads` the way the router's staging does: a job whose
@@ -115,45 +90,12 @@ pub fn stage_like_router(
     created_at: Timestamp,
     payloads: impl IntoIterator<Item = String>,
 ) -> (StagedBatch, Vec<(JobId, JobError)>) {
-    let path = dir.join(format!("{batch_id}.staged"));
-    let mut w = BufWriter::new(std::fs::File::create(&path).unwrap());
-    let (mut ids, mut aborted) = (Vec::new(), Vec::new());
-    for (i, payload) in payloads.into_iter().enumerate() {
-        let job = Job {
-            id: i as i64 + 1,
-            destination_id: "sftp-test".into(),
-            payload,
-            message_id: None,
-            attempts: 0,
-            retry_base: 0,
-            first_attempt_at: None,
-            created_at,
-        };
-        match uploader.transform(&job) {
-            Ok(line) => {
-                assert!(!line.contains('\n'));
-                w.write_all(line.as_bytes()).unwrap();
-                w.write_all(b"\n").unwrap();
-                ids.push(job.id);
-            }
-            Err(e) => aborted.push((
-                job.id,
-                JobError::new(ErrorCode::TransformFailed, e.to_string()),
-            )),
-        }
-    }
-    w.flush().unwrap();
-    drop(w);
-    let batch = StagedBatch {
-        batch_id: batch_id.into(),
-        destination_id: "sftp-test".into(),
-        destination_type: "SFTP".into(),
-        bytes: std::fs::metadata(&path).unwrap().len(),
-        path,
-        job_ids: ids,
-        attempt: 1,
-        created_at,
-    };
+    let (spec, jobs) = numbered(batch_id, created_at, payloads);
+    let (batch, refused) = kit::stage(dir, &spec, |j| uploader.transform(j), jobs);
+    let aborted = refused
+        .into_iter()
+        .map(|(id, e)| (id, JobError::new(ErrorCode::TransformFailed, e.to_string())))
+        .collect();
     (batch, aborted)
 }
 

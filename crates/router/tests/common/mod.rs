@@ -149,6 +149,8 @@ pub struct Recording {
     pub behaviour: Mutex<Behaviour>,
     /// When set, every `get_upload_stats` call fails with this error.
     pub stats_error: Mutex<Option<DestinationError>>,
+    /// The next this many `get_upload_stats` calls fail (HTTP 503).
+    pub stats_failures_left: AtomicUsize,
 }
 
 /// What a [`Recording`] manager does on upload and poll.
@@ -236,6 +238,14 @@ impl AsyncDestinationManager for Recording {
         self.stats_calls.fetch_add(1, Ordering::SeqCst);
         if let Some(e) = self.stats_error.lock().unwrap().clone() {
             return Err(e);
+        }
+        let failing =
+            self.stats_failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(DestinationError::retryable(
+                "results endpoint answered HTTP 503",
+            ));
         }
         let behaviour = self.behaviour.lock().unwrap().clone();
         match (behaviour, import.job_ids.first()) {

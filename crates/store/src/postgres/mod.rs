@@ -891,15 +891,26 @@ impl JobStore for PostgresStore {
         .await
     }
 
-    async fn release_owner(
+    async fn release_earlier_runs(
         &self,
-        owner: &str,
+        prefix: &str,
+        nonce_chars: usize,
+        current: &str,
         now: Timestamp,
     ) -> Result<RecoveryReport, StoreError> {
-        self.run("release_owner", || async {
-            let row = sqlx::query(sql::RELEASE_OWNER)
-                .bind(owner)
+        let mut pattern = String::with_capacity(prefix.len() + nonce_chars + 8);
+        for c in prefix.chars() {
+            if matches!(c, '\\' | '%' | '_') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.extend(std::iter::repeat_n('_', nonce_chars));
+        self.run("release_earlier_runs", || async {
+            let row = sqlx::query(sql::RELEASE_EARLIER_RUNS)
+                .bind(pattern.as_str())
                 .bind(now.0)
+                .bind(current)
                 .fetch_one(&self.pool)
                 .await?;
             Ok(RecoveryReport {

@@ -272,15 +272,17 @@ pub const RENEW_LEASES: &str = "WITH j AS ( \
          WHERE id = ANY($4::bigint[]) AND owner = $1 RETURNING 1) \
      SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM i), (SELECT count(*) FROM s)";
 
-/// A daemon restarted under the same identity (`$1`) takes back everything
-/// it held at once (`$2` is the write time); answers how many of each.
-pub const RELEASE_OWNER: &str = "WITH j AS ( \
+/// A daemon instance restarted takes back everything its earlier runs held
+/// at once: owners matching the LIKE pattern `$1` (escaped prefix plus one
+/// `_` per nonce character, escape character `\`) other than `$3` (this
+/// run); `$2` is the write time. Answers how many of each.
+pub const RELEASE_EARLIER_RUNS: &str = "WITH j AS ( \
          UPDATE jobs SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 \
-         WHERE state = 'executing' AND lease_owner = $1 RETURNING 1), \
+         WHERE state = 'executing' AND lease_owner LIKE $1 ESCAPE '\\' AND lease_owner <> $3 RETURNING 1), \
      i AS ( \
          UPDATE imports SET lease_owner = NULL, lease_expires_at = NULL \
-         WHERE state IN ('pending', 'processing') AND lease_owner = $1 RETURNING 1), \
-     s AS (DELETE FROM upload_slots WHERE owner = $1 RETURNING 1) \
+         WHERE state IN ('pending', 'processing') AND lease_owner LIKE $1 ESCAPE '\\' AND lease_owner <> $3 RETURNING 1), \
+     s AS (DELETE FROM upload_slots WHERE owner LIKE $1 ESCAPE '\\' AND owner <> $3 RETURNING 1) \
      SELECT (SELECT count(*) FROM j), (SELECT count(*) FROM i), (SELECT count(*) FROM s)";
 
 /// Aborts up to `$2` unprocessed (`waiting`/`failed`) jobs created and last

@@ -1033,30 +1033,42 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn release_owner(
+    async fn release_earlier_runs(
         &self,
-        owner: &str,
+        prefix: &str,
+        nonce_chars: usize,
+        current: &str,
         now: Timestamp,
     ) -> Result<RecoveryReport, StoreError> {
-        let owner = owner.to_string();
+        // substr/length count characters; `=` is exact (LIKE would be
+        // case-insensitive here and need escaping).
+        let (prefix, current) = (prefix.to_string(), current.to_string());
+        let prefix_chars = prefix.chars().count() as i64;
+        let total_chars = prefix_chars + nonce_chars as i64;
         self.write(move |conn| {
             let tx = immediate(conn)?;
             let jobs = tx
                 .execute(
-                    "UPDATE jobs SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?2 \
-                     WHERE state = 'executing' AND lease_owner = ?1",
-                    params![owner, now.0],
+                    "UPDATE jobs SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = ?5 \
+                     WHERE state = 'executing' AND substr(lease_owner, 1, ?2) = ?1 \
+                     AND length(lease_owner) = ?3 AND lease_owner <> ?4",
+                    params![prefix, prefix_chars, total_chars, current, now.0],
                 )
                 .map_err(backend)?;
             let imports = tx
                 .execute(
                     "UPDATE imports SET lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE state IN ('pending', 'processing') AND lease_owner = ?1",
-                    params![owner],
+                     WHERE state IN ('pending', 'processing') AND substr(lease_owner, 1, ?2) = ?1 \
+                     AND length(lease_owner) = ?3 AND lease_owner <> ?4",
+                    params![prefix, prefix_chars, total_chars, current],
                 )
                 .map_err(backend)?;
             let slots = tx
-                .execute("DELETE FROM upload_slots WHERE owner = ?1", params![owner])
+                .execute(
+                    "DELETE FROM upload_slots WHERE substr(owner, 1, ?2) = ?1 \
+                     AND length(owner) = ?3 AND owner <> ?4",
+                    params![prefix, prefix_chars, total_chars, current],
+                )
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
             Ok(RecoveryReport {

@@ -354,13 +354,23 @@ pub async fn upload_commit_creates_imports_and_is_fenced(s: Store) {
 }
 
 async fn one_import(s: &Store, dest: &str, n: usize, now: Timestamp) -> (i64, Vec<i64>) {
+    one_import_as(s, dest, n, now, "A").await
+}
+
+async fn one_import_as(
+    s: &Store,
+    dest: &str,
+    n: usize,
+    now: Timestamp,
+    owner: &str,
+) -> (i64, Vec<i64>) {
     s.insert_jobs(jobs(dest, n), now).await.unwrap();
     let claimed = s
-        .claim_jobs(dest, "A", n, now, now + 60 * SEC)
+        .claim_jobs(dest, owner, n, now, now + 60 * SEC)
         .await
         .unwrap();
     let ids: Vec<_> = claimed.iter().map(|j| j.id).collect();
-    let mut c = commit(dest, "A", now);
+    let mut c = commit(dest, owner, now);
     c.attempted = ids.clone();
     c.imports = vec![ImportToCreate {
         batch_id: "b".into(),
@@ -1158,31 +1168,58 @@ pub async fn heartbeats_renew_only_leases_still_held(s: Store) {
     );
 }
 
-pub async fn a_restarted_owner_takes_back_its_own_leases_at_once(s: Store) {
+pub async fn a_restarted_instance_takes_back_its_earlier_runs_leases_at_once(s: Store) {
     let now = Timestamp::now();
-    let (import_id, _) = one_import(&s, "r1", 2, now).await;
-    s.insert_jobs(jobs("r2", 3), now).await.unwrap();
-    let a_jobs: Vec<i64> = s
-        .claim_jobs("r2", "A", 2, now, now + 600 * SEC)
+    // Instance owners are `prefix` + a 4-character nonce here; the prefix
+    // holds LIKE wildcards and the escape character, which must match
+    // literally.
+    let prefix = "inst:p_%\\:";
+    let old = format!("{prefix}0001");
+    let current = format!("{prefix}0002");
+    let others = [
+        "inst:pX%\\:0003".to_string(), // `_` is not a wildcard
+        format!("{prefix}x:0004"),     // another id extending this one
+        "INST:p_%\\:0005".to_string(), // case matters
+        "inst:p_%\\:005".to_string(),  // nonce length matters
+    ];
+    let (import_id, _) = one_import_as(&s, "r1", 2, now, &old).await;
+    s.insert_jobs(jobs("r2", 3 + others.len()), now)
+        .await
+        .unwrap();
+    let old_jobs: Vec<i64> = s
+        .claim_jobs("r2", &old, 2, now, now + 600 * SEC)
         .await
         .unwrap()
         .iter()
         .map(|j| j.id)
         .collect();
-    let b_jobs: Vec<i64> = s
-        .claim_jobs("r2", "B", 1, now, now + 600 * SEC)
+    let mut kept_jobs = Vec::new();
+    for owner in std::iter::once(&current).chain(&others) {
+        let got = s
+            .claim_jobs("r2", owner, 1, now, now + 600 * SEC)
+            .await
+            .unwrap();
+        kept_jobs.push(got[0].id);
+    }
+    let old_slot = s
+        .acquire_upload_slot("r3", &old, 2, now, now + 600 * SEC)
         .await
         .unwrap()
-        .iter()
-        .map(|j| j.id)
-        .collect();
-    for owner in ["A", "B"] {
-        s.acquire_upload_slot("r3", owner, 2, now, now + 600 * SEC)
+        .unwrap();
+    s.acquire_upload_slot("r3", &current, 2, now, now + 600 * SEC)
+        .await
+        .unwrap()
+        .unwrap();
+    for owner in &others {
+        s.acquire_upload_slot("r4", owner, 10, now, now + 600 * SEC)
             .await
             .unwrap()
             .unwrap();
     }
-    let rep = s.release_owner("A", now).await.unwrap();
+    let rep = s
+        .release_earlier_runs(prefix, 4, &current, now)
+        .await
+        .unwrap();
     assert_eq!(
         rep,
         RecoveryReport {
@@ -1191,14 +1228,29 @@ pub async fn a_restarted_owner_takes_back_its_own_leases_at_once(s: Store) {
             slots_released: 1
         }
     );
-    for id in &a_jobs {
+    for id in &old_jobs {
         let rec = s.get_job(*id).await.unwrap().unwrap();
         assert_eq!((rec.state, rec.attempts), (JobState::Waiting, 0));
     }
+    for id in &kept_jobs {
+        assert_eq!(
+            state_of(&s, *id).await,
+            JobState::Executing,
+            "this run's and other instances' leases are untouched"
+        );
+    }
+    // The earlier run, if still alive (a zombie), is fenced out.
     assert_eq!(
-        state_of(&s, b_jobs[0]).await,
-        JobState::Executing,
-        "another owner's lease is untouched"
+        s.renew_leases(LeaseRenewal {
+            owner: old.clone(),
+            jobs: old_jobs.clone(),
+            imports: vec![import_id],
+            slots: vec![old_slot],
+            lease_until: now + 900 * SEC,
+        })
+        .await
+        .unwrap(),
+        RenewReport::default()
     );
     let t = now + 2 * SEC;
     let due = s
@@ -1215,17 +1267,26 @@ pub async fn a_restarted_owner_takes_back_its_own_leases_at_once(s: Store) {
             .await
             .unwrap()
             .is_some(),
-        "A's slot is free"
+        "the earlier run's slot is free"
     );
     assert!(
         s.acquire_upload_slot("r3", "D", 2, now, now + 10 * SEC)
             .await
             .unwrap()
             .is_none(),
-        "B's slot still counts"
+        "this run's slot still counts"
+    );
+    assert!(
+        s.acquire_upload_slot("r4", "E", 4, now, now + 10 * SEC)
+            .await
+            .unwrap()
+            .is_none(),
+        "other instances' slots still count"
     );
     assert_eq!(
-        s.release_owner("A", now).await.unwrap(),
+        s.release_earlier_runs(prefix, 4, &current, now)
+            .await
+            .unwrap(),
         RecoveryReport::default()
     );
 }
@@ -1340,7 +1401,7 @@ macro_rules! conformance_tests {
             odd_text_from_destinations_is_stored,
             due_jobs_are_claimed_longest_due_first,
             heartbeats_renew_only_leases_still_held,
-            a_restarted_owner_takes_back_its_own_leases_at_once,
+            a_restarted_instance_takes_back_its_earlier_runs_leases_at_once,
             unprocessed_jobs_expire_after_the_retention,
         );
     };

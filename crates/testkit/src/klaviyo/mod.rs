@@ -13,6 +13,7 @@
 //! delays, dropped connections). It counts the profiles each import really
 //! applied, per key, so tests can assert exactly-once delivery.
 
+mod imports;
 mod server;
 
 use std::collections::{HashMap, HashSet, VecDeque};
