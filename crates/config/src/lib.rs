@@ -25,8 +25,7 @@ use std::sync::Arc;
 use batchrouter_core::destination::did_you_mean;
 use batchrouter_core::lookup::{parse_bytes, ConfigSource, KeyLookup};
 use batchrouter_core::secret::redact_urls_in;
-use batchrouter_core::{DestinationContext, NoopTelemetry, Secret};
-use batchrouter_router::factory;
+use batchrouter_core::{Destination, DestinationSettings, Registry, Secret};
 use batchrouter_router::settings::{self, IgnoredSetting, RouterSettings};
 use serde_json::{Map, Value};
 
@@ -106,6 +105,11 @@ pub struct DestinationSpec {
     pub enabled: bool,
     /// The table handed to the destination (secrets inside; never print raw).
     pub config: Value,
+    /// The destination type, from the registry the config was loaded with.
+    pub destination: &'static dyn Destination,
+    /// What the type's `validate` made of `config`; `run` builds the manager
+    /// from it, once.
+    pub validated: DestinationSettings,
     /// The destination's own router overrides.
     pub router: BTreeMap<String, String>,
     /// Effective router settings.
@@ -204,24 +208,31 @@ fn format_for(path: &Path) -> Result<config::FileFormat, String> {
     }
 }
 
-/// Loads and validates a config file.
-pub fn load(path: &Path, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigErrors> {
+/// Loads and validates a config file; destination tables are validated by
+/// the types in `registry` (no manager is built).
+pub fn load(
+    path: &Path,
+    env: Arc<dyn Env>,
+    registry: &Registry,
+) -> Result<LoadedConfig, ConfigErrors> {
     let format = format_for(path).map_err(|e| ConfigErrors(vec![e]))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
-    let mut cfg = load_str(&text, format, env)?;
+    let mut cfg = load_str(&text, format, env, registry)?;
     cfg.path = Some(path.to_path_buf());
     Ok(cfg)
 }
 
 /// Loads and validates config text in a given format. Every problem names
-/// its key; URLs quoted in problems have their secrets masked.
+/// its key; URLs quoted in problems have their secrets masked. Destination
+/// tables are validated by the types in `registry`.
 pub fn load_str(
     text: &str,
     format: config::FileFormat,
     env: Arc<dyn Env>,
+    registry: &Registry,
 ) -> Result<LoadedConfig, ConfigErrors> {
-    load_unredacted(text, format, env).map_err(|ConfigErrors(problems)| {
+    load_unredacted(text, format, env, registry).map_err(|ConfigErrors(problems)| {
         // Problems quote values (a destination's `baseUrl`, a store URL);
         // check-config prints them and `run` logs them.
         ConfigErrors(problems.iter().map(|p| redact_urls_in(p)).collect())
@@ -232,6 +243,7 @@ fn load_unredacted(
     text: &str,
     format: config::FileFormat,
     env: Arc<dyn Env>,
+    registry: &Registry,
 ) -> Result<LoadedConfig, ConfigErrors> {
     // TOML is read here rather than by the generic loader, whose number
     // errors name no key ("number too large to fit in target type").
@@ -246,7 +258,7 @@ fn load_unredacted(
             Vec::new(),
         ),
     };
-    match from_value(raw, env) {
+    match from_value(raw, env, registry) {
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         Ok(_) => Err(ConfigErrors(problems)),
         Err(ConfigErrors(more)) => {
@@ -309,7 +321,11 @@ fn string_field(
     }
 }
 
-fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigErrors> {
+fn from_value(
+    mut raw: Value,
+    env: Arc<dyn Env>,
+    registry: &Registry,
+) -> Result<LoadedConfig, ConfigErrors> {
     let mut problems = Vec::new();
     env::substitute(&mut raw, env.as_ref(), "", &mut problems);
     let empty = Map::new();
@@ -436,7 +452,7 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         string_field(logging_t, "logging", "level", &mut problems).unwrap_or_else(|| "info".into());
 
     // [BatchRouter]
-    let known_types = factory::known_types();
+    let known_types = registry.names();
     let key_names = settings::accepted_names();
     let mut file_keys = BTreeMap::new();
     if let Some(br) = table(root, "BatchRouter", &mut problems) {
@@ -451,18 +467,18 @@ fn from_value(mut raw: Value, env: Arc<dyn Env>) -> Result<LoadedConfig, ConfigE
         None => {}
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                if let Some(d) = destination(
+                if let Some((id, d)) = destination(
                     i,
                     item,
-                    &known_types,
+                    registry,
                     &key_names,
                     source.as_ref(),
                     &mut problems,
                 ) {
-                    if !ids.insert(d.id.clone()) {
-                        problems.push(format!("destinations: id `{}` is used twice", d.id));
+                    if !ids.insert(id.clone()) {
+                        problems.push(format!("destinations: id `{id}` is used twice"));
                     }
-                    destinations.push(d);
+                    destinations.extend(d);
                 }
             }
         }
@@ -623,14 +639,17 @@ fn router_key(
     }
 }
 
+/// One `[[destinations]]` entry: its id when it has a usable one, and the
+/// spec when its type also validated its config.
 fn destination(
     index: usize,
     item: &Value,
-    known_types: &[&str],
+    registry: &Registry,
     key_names: &[&str],
     source: &FileAndEnv,
     problems: &mut Vec<String>,
-) -> Option<DestinationSpec> {
+) -> Option<(String, Option<DestinationSpec>)> {
+    let known_types = registry.names();
     let Value::Object(map) = item else {
         problems.push(format!("destinations[{index}] must be a table"));
         return None;
@@ -652,10 +671,10 @@ fn destination(
             return None;
         }
     };
-    let kind = match map.get("type").and_then(Value::as_str) {
-        Some(t) if known_types.contains(&t) => t.to_string(),
+    let destination = match map.get("type").and_then(Value::as_str) {
+        Some(t) if registry.find(t).is_some() => registry.find(t)?,
         Some(t) => {
-            let hint = did_you_mean(t, known_types)
+            let hint = did_you_mean(t, &known_types)
                 .map(|s| format!("did you mean `{s}`? "))
                 .unwrap_or_default();
             problems.push(format!(
@@ -672,6 +691,7 @@ fn destination(
             return None;
         }
     };
+    let kind = destination.name().to_string();
     let enabled = match map.get("enabled") {
         None => true,
         Some(Value::Bool(b)) => *b,
@@ -712,27 +732,27 @@ fn destination(
             RouterSettings::default()
         }
     };
-    let ctx = DestinationContext {
-        id: id.clone(),
-        destination_type: kind.clone(),
-        telemetry: Arc::new(NoopTelemetry),
-    };
-    if let Err(e) = factory::build_manager(&ctx, &config) {
-        match e {
-            factory::FactoryError::Config(p) => {
-                problems.extend(p.0.into_iter().map(|p| format!("{label} config: {p}")))
-            }
-            other => problems.push(format!("{label}: {other}")),
+    // Validation only: managers are built once, by `run`.
+    let validated = match destination.validate(&config) {
+        Ok(v) => v,
+        Err(p) => {
+            problems.extend(p.0.into_iter().map(|p| format!("{label} config: {p}")));
+            return Some((id, None));
         }
-    }
-    Some(DestinationSpec {
-        id,
-        kind,
-        enabled,
-        config,
-        router,
-        settings,
-    })
+    };
+    Some((
+        id.clone(),
+        Some(DestinationSpec {
+            id,
+            kind,
+            enabled,
+            config,
+            destination,
+            validated,
+            router,
+            settings,
+        }),
+    ))
 }
 
 /// Destination ids appear in paths, metrics and URLs: keep them simple.

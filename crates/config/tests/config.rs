@@ -1,17 +1,19 @@
 //! The config rules users rely on: precedence, `${ENV}`, unknown keys with
 //! suggestions, every problem at once, formats and redaction.
 
-use std::sync::Arc;
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+mod common;
+
 use std::time::Duration;
 
-use batchrouter_config::{load, load_str, render_effective, Env, LogFormat, MapEnv};
+use batchrouter_config::{render_effective, LogFormat};
+use common::{env, load, load_str, load_toml, problems};
 use config::FileFormat;
-
-fn env(vars: &[(&str, &str)]) -> Arc<dyn Env> {
-    Arc::new(MapEnv::new(
-        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-    ))
-}
 
 const BASE: &str = r#"
 [store]
@@ -40,7 +42,7 @@ maxRetries = 9
 "#;
 
 fn retries(vars: &[(&str, &str)], id: &str) -> u32 {
-    let c = load_str(BASE, FileFormat::Toml, env(vars)).unwrap();
+    let c = load_toml(BASE, vars).unwrap();
     c.destination(id).unwrap().settings.max_retries
 }
 
@@ -63,12 +65,7 @@ fn router_keys_follow_the_documented_precedence() {
         2
     );
     // ...but beats the file's global value
-    let c = load_str(
-        BASE,
-        FileFormat::Toml,
-        env(&[("RSERVER_BATCH_ROUTER_UPLOAD_FREQ", "45")]),
-    )
-    .unwrap();
+    let c = load_toml(BASE, &[("RSERVER_BATCH_ROUTER_UPLOAD_FREQ", "45")]).unwrap();
     assert_eq!(
         c.destination("web").unwrap().settings.upload_freq,
         Duration::from_secs(45)
@@ -83,10 +80,9 @@ fn router_keys_follow_the_documented_precedence() {
         10_000
     );
     // RudderStack's ABATCH spelling reaches maxEventsInABatch
-    let c = load_str(
+    let c = load_toml(
         BASE,
-        FileFormat::Toml,
-        env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_EVENTS_IN_ABATCH", "77")]),
+        &[("RSERVER_BATCH_ROUTER_HTTP_MAX_EVENTS_IN_ABATCH", "77")],
     )
     .unwrap();
     assert_eq!(
@@ -107,24 +103,18 @@ type = "HTTP"
 url = "${BR_URL}"
 headers = { Authorization = "Bearer ${BR_SECRET}" }
 "#;
-    let err = load_str(
-        text,
-        FileFormat::Toml,
-        env(&[("BR_URL", "http://127.0.0.1:1/x")]),
-    )
-    .unwrap_err();
+    let err = load_toml(text, &[("BR_URL", "http://127.0.0.1:1/x")]).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("`BR_TOKEN` is not set"), "{msg}");
     assert!(msg.contains("`BR_SECRET` is not set"), "{msg}");
     assert!(msg.contains("server.authToken"), "says where: {msg}");
-    let ok = load_str(
+    let ok = load_toml(
         text,
-        FileFormat::Toml,
-        env(&[
+        &[
             ("BR_URL", "http://127.0.0.1:1/x"),
             ("BR_TOKEN", "t"),
             ("BR_SECRET", "s"),
-        ]),
+        ],
     )
     .unwrap();
     assert_eq!(ok.server.auth_token.unwrap().expose(), "t");
@@ -156,7 +146,7 @@ type = "HTTP"
 [destinations.config]
 url = "http://127.0.0.1:1/x"
 "#;
-    let err = load_str(text, FileFormat::Toml, env(&[])).unwrap_err();
+    let err = load_toml(text, &[]).unwrap_err();
     let all = err.0.join("\n");
     for expected in [
         "unknown key `sever` (did you mean `server`?)",
@@ -174,29 +164,19 @@ url = "http://127.0.0.1:1/x"
 
 #[test]
 fn bad_values_are_reported_with_their_origin() {
-    let err = load_str(
-        BASE,
-        FileFormat::Toml,
-        env(&[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "lots")]),
-    )
-    .unwrap_err();
+    let err = load_toml(BASE, &[("RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES", "lots")]).unwrap_err();
     let all = err.0.join("\n");
     assert!(
         all.contains("environment variable RSERVER_BATCH_ROUTER_HTTP_MAX_RETRIES"),
         "{all}"
     );
-    let err = load_str(
-        "[server]\nlisten = \"localhost\"\nmaxBodyBytes = \"big\"\n",
-        FileFormat::Toml,
-        env(&[]),
-    )
-    .unwrap_err();
-    assert_eq!(err.0.len(), 2, "{err}");
+    let both = problems("[server]\nlisten = \"localhost\"\nmaxBodyBytes = \"big\"\n");
+    assert_eq!(both.len(), 2, "{both:?}");
 }
 
 #[test]
 fn defaults_apply_when_sections_are_missing() {
-    let c = load_str("", FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml("", &[]).unwrap();
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.server.max_body_bytes, 16 << 20);
     assert!(c.server.auth_token.is_none());
@@ -243,7 +223,7 @@ type = "HTTP"
 url = "http://user:SECRET-5@127.0.0.1:1/x?key=SECRET-6"
 headers = { Authorization = "Bearer SECRET-3", X-Api-Key = "SECRET-4" }
 "#;
-    let c = load_str(text, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(text, &[]).unwrap();
     let out = render_effective(&c);
     assert!(!out.contains("SECRET"), "{out}");
     assert!(out.contains("postgres://br:***@127.0.0.1:5432/br"), "{out}");
@@ -382,7 +362,7 @@ type = "HTTP"
 [destinations.config]
 url = "https://hooks.test/in?key=SECRET_5&team=SECRET_6#SECRET_7"
 "#;
-    let c = load_str(text, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(text, &[]).unwrap();
     let out = render_effective(&c);
     assert!(!out.contains("SECRET"), "{out}");
     assert!(

@@ -2,17 +2,18 @@
 //! their RudderStack meaning, ours were renamed where they differed, and
 //! RudderStack keys we do not use are accepted and reported (never silently).
 
-use std::sync::Arc;
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
+mod common;
+
 use std::time::Duration;
 
-use batchrouter_config::{load_str, render_effective, Env, MapEnv};
-use config::FileFormat;
-
-fn env(vars: &[(&str, &str)]) -> Arc<dyn Env> {
-    Arc::new(MapEnv::new(
-        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-    ))
-}
+use batchrouter_config::render_effective;
+use common::{load_toml, problems};
 
 const WEB: &str = r#"
 [[destinations]]
@@ -24,10 +25,9 @@ url = "http://127.0.0.1:1/x"
 
 #[test]
 fn rudderstack_variables_keep_their_rudderstack_meaning() {
-    let c = load_str(
+    let c = load_toml(
         WEB,
-        FileFormat::Toml,
-        env(&[
+        &[
             // RudderStack: the age at which a staged batch is uploaded, in minutes.
             ("RSERVER_BATCH_ROUTER_ASYNC_UPLOAD_TIMEOUT", "5"),
             // RudderStack: attempts, not retries.
@@ -35,7 +35,7 @@ fn rudderstack_variables_keep_their_rudderstack_meaning() {
             ("RSERVER_BATCH_ROUTER_MAX_PAYLOAD_SIZE_IN_BYTES", "1048576"),
             // RudderStack: unprocessed jobs are aborted after this, in hours.
             ("RSERVER_BATCH_ROUTER_JOB_RETENTION", "48"),
-        ]),
+        ],
     )
     .unwrap();
     let s = &c.destination("web").unwrap().settings;
@@ -70,7 +70,7 @@ fn renamed_keys_set_without_their_new_names_are_warned() {
          [BatchRouter.HTTP]\nasyncUploadTimeout = \"1m\"\nuploadCallTimeout = \"2m\"\n{WEB}\
          [destinations.router]\nasyncUploadTimeout = \"3m\"\n"
     );
-    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(&toml, &[]).unwrap();
     let lines: Vec<String> = c.ignored.iter().map(|i| i.to_string()).collect();
     // [BatchRouter.HTTP] and web's table are covered by HTTP's uploadCallTimeout.
     assert_eq!(lines.len(), 2, "{lines:#?}");
@@ -84,7 +84,7 @@ fn renamed_keys_set_without_their_new_names_are_warned() {
     }
     // A destination's own table, with the new name set nowhere.
     let toml = format!("{WEB}[destinations.router]\nasyncUploadTimeout = \"3m\"\n");
-    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(&toml, &[]).unwrap();
     let lines: Vec<String> = c.ignored.iter().map(|i| i.to_string()).collect();
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
@@ -97,14 +97,14 @@ fn renamed_keys_set_without_their_new_names_are_warned() {
         "[BatchRouter]\nuploadCallTimeout = \"10m\"\n[BatchRouter.HTTP]\n\
          asyncUploadTimeout = \"1m\"\n{WEB}[destinations.router]\nasyncUploadTimeout = \"3m\"\n"
     );
-    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(&toml, &[]).unwrap();
     assert!(c.ignored.is_empty(), "{:?}", c.ignored);
     // With the new names set too, the config is read as meant: no warning.
     let toml = "[BatchRouter]\nasyncUploadTimeout = \"10m\"\nuploadCallTimeout = \"10m\"\n\
                 jobRetention = \"7d\"\nfinishedJobRetention = \"7d\"\n"
         .to_string()
         + WEB;
-    let c = load_str(&toml, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(&toml, &[]).unwrap();
     assert!(c.ignored.is_empty(), "{:?}", c.ignored);
 }
 
@@ -127,9 +127,7 @@ fn store_wide_retention_keys_are_refused_per_type_and_per_destination() {
             "BatchRouter.HTTP.finishedJobRetention",
         ),
     ] {
-        let err = load_str(&toml, FileFormat::Toml, env(&vars))
-            .unwrap_err()
-            .to_string();
+        let err = load_toml(&toml, &vars).unwrap_err().to_string();
         assert!(err.contains("global-only"), "{err}");
         assert!(err.contains("Retention"), "{err}");
         assert!(err.contains(at), "{at}: {err}");
@@ -141,7 +139,7 @@ fn renamed_keys_and_older_names_resolve() {
     let text = format!(
         "[BatchRouter]\nuploadCallTimeout = \"90s\"\nfinishedJobRetention = \"2d\"\nuploadFreq = \"3s\"\n{WEB}[destinations.router]\nuploadInterval = 2\n"
     );
-    let c = load_str(&text, FileFormat::Toml, env(&[])).unwrap();
+    let c = load_toml(&text, &[]).unwrap();
     assert_eq!(c.global.upload_timeout, Duration::from_secs(90));
     assert_eq!(
         c.global.finished_job_retention,
@@ -176,16 +174,15 @@ fn ignored_rudderstack_keys_are_accepted_and_reported_by_name() {
     let text = format!(
         "[BatchRouter]\nisolationMode = \"workspace\"\n[BatchRouter.Limiter.read]\nlimit = 5\n[BatchRouter.HTTP.partitionWorker]\nconcurrency = 4\n{WEB}[destinations.router]\nmaxConsecutiveFailures = 3\n"
     );
-    let c = load_str(
+    let c = load_toml(
         &text,
-        FileFormat::Toml,
-        env(&[
+        &[
             ("RSERVER_BATCH_ROUTER_ASYNC_UPLOAD_WORKER_TIMEOUT", "10s"),
             (
                 "RSERVER_BATCH_ROUTER_RSOURCES_MAX_FAILED_COUNT_FOR_JOB",
                 "3",
             ),
-        ]),
+        ],
     )
     .unwrap();
     let keys: Vec<&str> = c.ignored.iter().map(|i| i.key.as_str()).collect();
@@ -211,11 +208,6 @@ fn ignored_rudderstack_keys_are_accepted_and_reported_by_name() {
         "says where it was set: {env_one}"
     );
     // Keys that are neither ours nor RudderStack's stay errors.
-    let err = load_str(
-        "[BatchRouter]\nisolationMod = 1\n[BatchRouter.Limiter.read]\nlimt = 5\n",
-        FileFormat::Toml,
-        env(&[]),
-    )
-    .unwrap_err();
-    assert_eq!(err.0.len(), 2, "{err}");
+    let both = problems("[BatchRouter]\nisolationMod = 1\n[BatchRouter.Limiter.read]\nlimt = 5\n");
+    assert_eq!(both.len(), 2, "{both:?}");
 }

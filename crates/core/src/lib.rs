@@ -5,18 +5,20 @@
 //! implement [`JobStore`]; the router drives both. Nothing here knows about a
 //! concrete destination or database, so each side can change independently.
 
-pub mod classify;
+pub mod config_reader;
 pub mod destination;
 pub mod error;
 pub mod job;
 pub mod lookup;
 pub mod manager;
 pub mod outcome;
+pub mod registry;
 pub mod render;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
 
+pub use config_reader::ConfigReader;
 pub use destination::{parse_destination_config, ConfigProblems, DestinationContext};
 pub use error::{DestinationError, ErrorCode, StoreError, TransformError};
 pub use job::{
@@ -32,6 +34,7 @@ pub use outcome::{
     validate_upload_output, JobError, NewImport, Outcome, OutputViolation, PollStatus,
     UploadOutput, UploadStats,
 };
+pub use registry::{ConfigKey, Destination, DestinationSettings, Registry, RegistryError};
 pub use secret::Secret;
 pub use store::JobStore;
 pub use telemetry::{DestinationTelemetry, NoopTelemetry};

@@ -34,6 +34,23 @@ fn render_number(n: &serde_json::Number) -> String {
     format!("{f}")
 }
 
+/// A short single-line excerpt of a text (an answer's body, a parse error)
+/// for a job's reason: control characters become spaces, and a text longer
+/// than `max_chars` is cut and ends in `…`.
+pub fn excerpt(body: &str, max_chars: usize) -> String {
+    let flat: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let flat = flat.trim();
+    if flat.chars().count() <= max_chars {
+        flat.to_string()
+    } else {
+        let cut: String = flat.chars().take(max_chars).collect();
+        format!("{cut}…")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +68,12 @@ mod tests {
         assert_eq!(render_cell(&json!(u64::MAX)), "18446744073709551615");
         assert_eq!(render_cell(&json!("a,b")), "a,b");
         assert_eq!(render_cell(&json!({"k": [1, 2]})), "{\"k\":[1,2]}");
+    }
+
+    #[test]
+    fn excerpts_are_short_and_single_line() {
+        assert_eq!(excerpt(" a\nb\t", 10), "a b");
+        assert_eq!(excerpt(&"x".repeat(300), 5), "xxxxx…");
+        assert_eq!(excerpt("ééé", 3), "ééé");
     }
 }

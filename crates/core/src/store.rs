@@ -229,13 +229,46 @@ impl ImportFinish {
     /// Succeeded, failed and aborted counts of the transitions, which every
     /// store adds to the import's row.
     pub fn outcome_counts(&self) -> (i64, i64, i64) {
-        self.transitions
-            .iter()
-            .fold((0, 0, 0), |(s, f, a), t| match t.to {
-                Transition::Succeeded { .. } => (s + 1, f, a),
-                Transition::Failed { .. } => (s, f + 1, a),
-                Transition::Aborted { .. } => (s, f, a + 1),
-            })
+        let t = Tally::of(&self.transitions);
+        (t.succeeded as i64, t.failed as i64, t.aborted as i64)
+    }
+}
+
+/// Succeeded, failed (to be retried) and aborted counts of job transitions:
+/// one count shared by the stores' import rows and the router's metrics,
+/// logs and upload/import results, so they cannot disagree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Transitions to `succeeded`.
+    pub succeeded: u64,
+    /// Transitions back to `failed` (retried later).
+    pub failed: u64,
+    /// Transitions to `aborted`.
+    pub aborted: u64,
+}
+
+impl Tally {
+    /// Counts `transitions`.
+    pub fn of(transitions: &[JobTransition]) -> Self {
+        let mut t = Tally::default();
+        for jt in transitions {
+            t.add(&jt.to);
+        }
+        t
+    }
+
+    /// Counts one more transition.
+    pub fn add(&mut self, to: &Transition) {
+        match to {
+            Transition::Succeeded { .. } => self.succeeded += 1,
+            Transition::Failed { .. } => self.failed += 1,
+            Transition::Aborted { .. } => self.aborted += 1,
+        }
+    }
+
+    /// Every transition counted.
+    pub fn total(&self) -> u64 {
+        self.succeeded + self.failed + self.aborted
     }
 }
 
@@ -501,4 +534,54 @@ pub trait JobStore: Send + Sync + 'static {
     /// Commits a tiny write that changes no data, so `/readyz` reports a
     /// store that answers reads but refuses writes (disk full, read-only).
     async fn probe_write(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorCode, JobError};
+
+    #[test]
+    fn one_tally_counts_import_rows_and_metrics_alike() {
+        let err = || JobError::new(ErrorCode::DestinationUnavailable, "503");
+        let to = [
+            Transition::Succeeded {
+                note: None,
+                external_id: None,
+            },
+            Transition::Failed {
+                error: err(),
+                next_attempt_at: Timestamp(1),
+            },
+            Transition::Aborted { error: err() },
+            Transition::Aborted { error: err() },
+        ];
+        let transitions: Vec<JobTransition> = to
+            .into_iter()
+            .enumerate()
+            .map(|(i, to)| JobTransition {
+                job_id: i as JobId + 1,
+                to,
+            })
+            .collect();
+        let t = Tally::of(&transitions);
+        assert_eq!(
+            t,
+            Tally {
+                succeeded: 1,
+                failed: 1,
+                aborted: 2
+            }
+        );
+        assert_eq!(t.total(), 4);
+        let f = ImportFinish {
+            import_id: 1,
+            owner: "o".into(),
+            state: ImportState::Partial,
+            error: None,
+            transitions,
+            now: Timestamp(0),
+        };
+        assert_eq!(f.outcome_counts(), (1, 1, 2));
+    }
 }

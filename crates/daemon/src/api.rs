@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use batchrouter_core::store::{ImportRecord, JobRecord, RetryResult};
 use batchrouter_core::{JobError, JobState, JobStore, NewJob, Secret, StoreError, Timestamp};
+use batchrouter_router::events::JobsReceived;
 use batchrouter_router::{Metrics, RouterHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -395,10 +396,12 @@ async fn submit_jobs(
             .get(*d)
             .map(|i| i.kind.as_str())
             .unwrap_or("");
-        st.metrics
-            .jobs_received
-            .with_label_values(&[kind, d])
-            .inc_by(*n);
+        JobsReceived {
+            destination_id: d,
+            destination_type: kind,
+            count: *n,
+        }
+        .emit(&st.metrics);
         st.router.wake(d);
     }
     tracing::debug!(
@@ -422,15 +425,13 @@ fn error_json(e: &JobError) -> Value {
 }
 
 fn job_json(j: &JobRecord) -> Value {
-    let mut v = json!({
-        "jobId": j.id,
-        "destinationId": j.destination_id,
-        "state": j.state.as_str(),
-        "attempts": j.attempts,
-        "createdAt": rfc3339(j.created_at),
-        "updatedAt": rfc3339(j.updated_at),
-    });
-    let m = v.as_object_mut().expect("object");
+    let mut m = serde_json::Map::new();
+    m.insert("jobId".into(), json!(j.id));
+    m.insert("destinationId".into(), json!(j.destination_id));
+    m.insert("state".into(), json!(j.state.as_str()));
+    m.insert("attempts".into(), json!(j.attempts));
+    m.insert("createdAt".into(), json!(rfc3339(j.created_at)));
+    m.insert("updatedAt".into(), json!(rfc3339(j.updated_at)));
     if let Some(mid) = &j.message_id {
         m.insert("messageId".into(), json!(mid));
     }
@@ -452,7 +453,7 @@ fn job_json(j: &JobRecord) -> Value {
     if let Some(t) = j.completed_at {
         m.insert("completedAt".into(), json!(rfc3339(t)));
     }
-    v
+    Value::Object(m)
 }
 
 /// Accepts canonical ids only (`1`, never `+1`, `01` or ` 1`), so one job
@@ -478,23 +479,24 @@ async fn get_job(
 }
 
 fn import_json(i: &ImportRecord) -> Value {
-    let mut v = json!({
-        "importId": i.id,
-        "destinationId": i.destination_id,
-        "batchId": i.batch_id,
-        "status": i.state.as_str(),
-        "progress": i.progress,
-        "counts": {
+    let mut m = serde_json::Map::new();
+    m.insert("importId".into(), json!(i.id));
+    m.insert("destinationId".into(), json!(i.destination_id));
+    m.insert("batchId".into(), json!(i.batch_id));
+    m.insert("status".into(), json!(i.state.as_str()));
+    m.insert("progress".into(), json!(i.progress));
+    m.insert(
+        "counts".into(),
+        json!({
             "total": i.job_count,
             "succeeded": i.succeeded,
             "failed": i.failed,
             "aborted": i.aborted,
-        },
-        "pollErrors": i.poll_errors,
-        "startedAt": rfc3339(i.started_at),
-        "deadlineAt": rfc3339(i.deadline_at),
-    });
-    let m = v.as_object_mut().expect("object");
+        }),
+    );
+    m.insert("pollErrors".into(), json!(i.poll_errors));
+    m.insert("startedAt".into(), json!(rfc3339(i.started_at)));
+    m.insert("deadlineAt".into(), json!(rfc3339(i.deadline_at)));
     if let Some(t) = i.completed_at {
         m.insert("completedAt".into(), json!(rfc3339(t)));
     } else {
@@ -508,7 +510,7 @@ fn import_json(i: &ImportRecord) -> Value {
         };
         m.insert(key.into(), error_json(e));
     }
-    v
+    Value::Object(m)
 }
 
 async fn get_import(

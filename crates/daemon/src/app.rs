@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use batchrouter_config::LoadedConfig;
 use batchrouter_core::{DestinationContext, JobStore};
-use batchrouter_router::{factory, Metrics, Router, RouterBuilder, RouterOptions, ShutdownReport};
+use batchrouter_router::{Metrics, Router, RouterBuilder, RouterOptions, ShutdownReport};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -61,8 +61,9 @@ pub async fn start(cfg: &LoadedConfig) -> anyhow::Result<App> {
             destination_type: d.kind.clone(),
             telemetry: metrics.telemetry(&d.kind, &d.id),
         };
-        // The error may quote a configured URL: mask its secrets.
-        let manager = factory::build_manager(&ctx, &d.config).map_err(|e| {
+        // The one place a manager is built (loading the config only
+        // validated). The error may quote a configured URL: mask its secrets.
+        let manager = d.destination.build(&d.validated, &ctx).map_err(|e| {
             anyhow::anyhow!(
                 "destination `{}`: {}",
                 d.id,

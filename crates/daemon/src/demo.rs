@@ -152,8 +152,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<ExitCode> {
         Err(_) => without_block(DEMO_CONFIG, "sftp"),
     };
     let env = MapEnv::over(vars, Arc::new(OsEnv));
-    let cfg = load_str(&config_text, FileFormat::Toml, Arc::new(env))
-        .context("the demo config is invalid")?;
+    let cfg = load_str(
+        &config_text,
+        FileFormat::Toml,
+        Arc::new(env),
+        &batchrouter_destinations::REGISTRY,
+    )
+    .context("the demo config is invalid")?;
     let configured: Vec<String> = cfg.destinations.iter().map(|d| d.id.clone()).collect();
     logging::init(&cfg.logging);
     let app = app::start(&cfg).await?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use batchrouter_config::{load, render_effective, OsEnv};
+use batchrouter_destinations::REGISTRY;
 use batchrouterd::{app, enqueue, logging};
 use clap::{Parser, Subcommand};
 
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
                     message_id_field,
                     file,
                 } => {
-                    let cfg = load(&cli.config, Arc::new(OsEnv))?;
+                    let cfg = load(&cli.config, Arc::new(OsEnv), &REGISTRY)?;
                     let r = enqueue::run(
                         &cfg,
                         &destination,
@@ -121,7 +122,7 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    match load(path, Arc::new(OsEnv)) {
+    match load(path, Arc::new(OsEnv), &REGISTRY) {
         Ok(cfg) => {
             println!(
                 "# {} is valid. Effective configuration (secrets redacted):\n",
@@ -141,8 +142,8 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let cfg =
-        load(path, Arc::new(OsEnv)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let cfg = load(path, Arc::new(OsEnv), &REGISTRY)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     logging::init(&cfg.logging);
     let app = app::start(&cfg).await?;
     println!("batchrouterd listening on http://{}", app.addr());

@@ -11,6 +11,12 @@
 //! table; plus two daemons on PostgreSQL where one is killed and the other
 //! takes its work over once the lease runs out.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -20,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use batchrouter_router::crash::POINTS;
 use batchrouter_testkit::http::{Fault, HttpStandIn};
-use batchrouter_testkit::marketo::{Endpoint, MarketoOptions, MarketoStandIn};
+use batchrouter_testkit::marketo::{Endpoint, MarketoStandIn};
 use batchrouter_testkit::postgres::TestDatabase;
 use common::crash::{enqueue_file, Armed};
 use common::*;
@@ -34,8 +40,11 @@ const BATCH: usize = 10;
 const IN_FLIGHT: usize = 1;
 /// In the two-daemon case both daemons upload at once.
 const IN_FLIGHT_TWO_DAEMONS: usize = 2;
-/// Short leases so PostgreSQL takes a dead daemon's work back quickly.
-const LEASE: Duration = Duration::from_secs(2);
+/// Short leases so PostgreSQL takes a dead daemon's work back quickly, yet
+/// long enough that a live daemon's renewal (due once half the lease is
+/// used) never comes too late while five cases share a loaded 2-core
+/// machine: a lapsed lease would re-send a batch outside the crash window.
+const LEASE: Duration = Duration::from_secs(4);
 /// How long a run may take to reach its point.
 const REACH: Duration = Duration::from_secs(60);
 /// How long a restarted daemon may take to settle every job.
@@ -105,16 +114,8 @@ impl StandIn {
                 StandIn::Http(s)
             }
             Dest::Marketo => {
-                let m = MarketoStandIn::start_with(MarketoOptions {
-                    // An accepted file is imported at once, as Marketo does
-                    // whether or not anyone polls: an upload whose outcome
-                    // was lost shows up as a duplicate here.
-                    polls_to_complete: 0,
-                    max_calls_per_window: None,
-                    max_concurrent_calls: None,
-                    ..MarketoOptions::default()
-                })
-                .await;
+                // An upload whose outcome was lost shows up as a duplicate.
+                let m = marketo_importing_at_once().await;
                 m.fail_rows_matching("bad", "1004 Lead not found");
                 StandIn::Marketo(m)
             }
@@ -123,33 +124,10 @@ impl StandIn {
 
     fn destination_toml(&self) -> String {
         match self {
-            StandIn::Http(s) => format!(
-                r#"
-[[destinations]]
-id = "web"
-type = "HTTP"
-[destinations.config]
-url = "{url}"
-maxBatchSize = 5
-"#,
-                url = s.url()
-            ),
-            StandIn::Marketo(m) => format!(
-                r#"
-[[destinations]]
-id = "leads"
-type = "MARKETO_BULK_UPLOAD"
-[destinations.config]
-munchkinId = "123-ABC-456"
-clientId = "{id}"
-clientSecret = "{secret}"
-baseUrl = "{url}"
-columnFieldsMapping = [{{ from = "email", to = "email" }}, {{ from = "n", to = "score" }}]
-"#,
-                id = m.client_id(),
-                secret = m.client_secret(),
-                url = m.base_url()
-            ),
+            StandIn::Http(s) => http_destination("web", &s.url(), Some(5)),
+            StandIn::Marketo(m) => {
+                marketo_destination("leads", m.client_id(), m.client_secret(), &m.base_url())
+            }
         }
     }
 
@@ -187,29 +165,12 @@ columnFieldsMapping = [{{ from = "email", to = "email" }}, {{ from = "n", to = "
 }
 
 fn config(dir: &Path, store_url: &str, staging: &str, dest: &str, in_flight: usize) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[store]
-url = "{store_url}"
-stagingDir = "{dir}/{staging}"
-[logging]
-level = "warn"
-[BatchRouter]
-uploadFreq = "100ms"
-minIdleSleep = "50ms"
-pollStatusLoopSleep = "100ms"
-minRetryBackoff = "100ms"
-maxRetryBackoff = "500ms"
-leaseTimeout = "{lease}s"
-uploadCallTimeout = "5s"
-maxEventsInABatch = {BATCH}
-maxConcurrentImports = {in_flight}
-{dest}"#,
-        dir = dir.display(),
+    let router = format!(
+        "leaseTimeout = \"{lease}s\"\nuploadCallTimeout = \"5s\"\n\
+         maxEventsInABatch = {BATCH}\nmaxConcurrentImports = {in_flight}",
         lease = LEASE.as_secs(),
-    )
+    );
+    daemon_config("", store_url, &dir.join(staging), &router, dest)
 }
 
 /// Where the duplicate window is: the destination took the batch, the
@@ -487,30 +448,14 @@ async fn postgres_two_daemons_one_killed_the_other_takes_over_after_the_lease() 
     // when it dies there.
     s.push_fault(Fault::status(200).delayed(Duration::from_millis(1500)));
     let toml = stand_in.destination_toml();
-    let cfg_a = dir.path().join("a.toml");
-    std::fs::write(
-        &cfg_a,
-        config(
-            dir.path(),
-            db.url(),
-            "staging-a",
-            &toml,
-            IN_FLIGHT_TWO_DAEMONS,
-        ),
-    )
-    .unwrap();
-    let cfg_b = dir.path().join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        config(
-            dir.path(),
-            db.url(),
-            "staging-b",
-            &toml,
-            IN_FLIGHT_TWO_DAEMONS,
-        ),
-    )
-    .unwrap();
+    // Daemon `name`'s config: the shared store, its own staging directory.
+    let daemon_config = |name: &str| {
+        let staging = format!("staging-{name}");
+        let cfg = config(dir.path(), db.url(), &staging, &toml, IN_FLIGHT_TWO_DAEMONS);
+        write_config_as(dir.path(), name, &cfg)
+    };
+    let cfg_a = daemon_config("a");
+    let cfg_b = daemon_config("b");
     let lines = payloads(dest);
     let a = {
         let cfg_a = cfg_a.clone();
@@ -521,11 +466,7 @@ async fn postgres_two_daemons_one_killed_the_other_takes_over_after_the_lease() 
         .await
         .unwrap()
     };
-    let start = Instant::now();
-    while s.requests() == 0 {
-        assert!(start.elapsed() < REACH, "daemon A never uploaded");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("daemon A never uploaded", REACH, || s.requests() > 0).await;
     let b = tokio::task::spawn_blocking(move || Daemon::start(&cfg_b, &[]))
         .await
         .unwrap();

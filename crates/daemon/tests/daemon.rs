@@ -1,6 +1,12 @@
 //! The daemon binary end to end: API intake and status, metrics, kill -9
 //! and SIGTERM, bad input, redrive, check-config and enqueue.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::process::Command;
@@ -14,31 +20,13 @@ use serde_json::Value;
 const LIMIT: Duration = Duration::from_secs(90);
 
 fn http_config(dir: &std::path::Path, url: &str, extra_server: &str, router: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{extra_server}
-[store]
-url = "sqlite://{dir}/jobs.db"
-stagingDir = "{dir}/staging"
-[logging]
-level = "warn"
-[BatchRouter]
-uploadFreq = "100ms"
-minIdleSleep = "50ms"
-pollStatusLoopSleep = "100ms"
-minRetryBackoff = "100ms"
-maxRetryBackoff = "500ms"
-{router}
-[[destinations]]
-id = "web"
-type = "HTTP"
-[destinations.config]
-url = "{url}"
-maxBatchSize = 200
-"#,
-        dir = dir.display()
+    let dest = http_destination("web", url, Some(200));
+    daemon_config(
+        extra_server,
+        &sqlite_url(dir),
+        &dir.join("staging"),
+        router,
+        &dest,
     )
 }
 
@@ -347,36 +335,10 @@ async fn aborted_jobs_are_redriven_and_delivered_once() {
 }
 
 fn marketo_config(dir: &std::path::Path, m: &MarketoStandIn) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[store]
-url = "sqlite://{dir}/jobs.db"
-stagingDir = "{dir}/staging"
-[logging]
-level = "warn"
-[BatchRouter]
-uploadFreq = "100ms"
-minIdleSleep = "50ms"
-pollStatusLoopSleep = "100ms"
-[[destinations]]
-id = "leads"
-type = "MARKETO_BULK_UPLOAD"
-[destinations.config]
-munchkinId = "123-ABC-456"
-clientId = "{id}"
-clientSecret = "${{MKTO_SECRET}}"
-baseUrl = "{url}"
-columnFieldsMapping = [{{ from = "email", to = "email" }}, {{ from = "n", to = "score" }}]
-[destinations.router]
-maxEventsInABatch = 400
-maxConcurrentImports = 1
-"#,
-        dir = dir.display(),
-        id = m.client_id(),
-        url = m.base_url()
-    )
+    let dest = marketo_destination("leads", m.client_id(), "${MKTO_SECRET}", &m.base_url());
+    let dest =
+        format!("{dest}[destinations.router]\nmaxEventsInABatch = 400\nmaxConcurrentImports = 1\n");
+    daemon_config("", &sqlite_url(dir), &dir.join("staging"), "", &dest)
 }
 
 fn leads(range: std::ops::Range<usize>) -> String {
@@ -468,11 +430,7 @@ async fn sigterm_finishes_the_upload_in_flight_and_exits_zero() {
         )
         .await;
     assert_eq!(status, 202);
-    let start = Instant::now();
-    while s.requests() == 0 {
-        assert!(start.elapsed() < LIMIT);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("nothing was uploaded", LIMIT, || s.requests() > 0).await;
     let t0 = Instant::now();
     let exit = d.sigterm(Duration::from_secs(15));
     assert!(exit.success(), "{exit:?}");
@@ -560,13 +518,7 @@ async fn enqueue_writes_to_the_store_or_through_a_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let s = HttpStandIn::start().await;
     // A fixed port: enqueue finds a running daemon through server.listen.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg = http_config(dir.path(), &s.url(), "", "")
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let cfg = on_a_free_port(&http_config(dir.path(), &s.url(), "", ""));
     let cfg = write_config(dir.path(), &cfg);
     let file = dir.path().join("jobs.ndjson");
     let lines: Vec<String> = (0..50)

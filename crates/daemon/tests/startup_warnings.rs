@@ -1,6 +1,12 @@
 //! RudderStack keys batchrouter ignores are logged at startup, by name
 //! (its own test binary: it installs the global log subscriber).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 
 use batchrouter_config::{load_str, FileFormat, MapEnv};
@@ -18,7 +24,13 @@ async fn ignored_rudderstack_keys_are_logged_as_warnings_at_startup() {
         "RSERVER_BATCH_ROUTER_MAX_CONSECUTIVE_FAILURES".to_string(),
         "3".to_string(),
     )]);
-    let cfg = load_str(&text, FileFormat::Toml, Arc::new(env)).unwrap();
+    let cfg = load_str(
+        &text,
+        FileFormat::Toml,
+        Arc::new(env),
+        &batchrouter_destinations::REGISTRY,
+    )
+    .unwrap();
     let app = batchrouterd::app::start(&cfg).await.unwrap();
     app.shutdown().await;
     let text = logs.text();

@@ -3,9 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use batchrouter_core::lookup::parse_duration;
-use batchrouter_core::{parse_destination_config, ConfigProblems, Secret};
-use serde::Deserialize;
+use batchrouter_core::{ConfigProblems, ConfigReader, Secret};
 
 /// Every key this destination accepts.
 pub const CONFIG_KEYS: &[&str] = &[
@@ -20,8 +18,7 @@ pub const CONFIG_KEYS: &[&str] = &[
 ];
 
 /// HTTP method for deliveries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     /// `POST` (default).
     Post,
@@ -30,8 +27,7 @@ pub enum Method {
 }
 
 /// How records map to requests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// JSON arrays of up to `maxBatchSize` records per request (default).
     Batch,
@@ -39,45 +35,14 @@ pub enum Mode {
     Single,
 }
 
-/// The raw config as written (durations still text).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Raw {
-    url: String,
-    #[serde(default = "default_method")]
-    method: Method,
-    #[serde(default)]
-    headers: BTreeMap<String, Secret>,
-    #[serde(default = "default_mode")]
-    mode: Mode,
-    #[serde(default = "default_batch")]
-    max_batch_size: usize,
-    #[serde(default = "default_in_flight")]
-    max_in_flight: usize,
-    #[serde(default = "default_timeout")]
-    timeout: String,
-    #[serde(default = "default_connect_timeout")]
-    connect_timeout: String,
-}
-
-fn default_method() -> Method {
-    Method::Post
-}
-fn default_mode() -> Mode {
-    Mode::Batch
-}
-fn default_batch() -> usize {
-    500
-}
-fn default_in_flight() -> usize {
-    32
-}
-fn default_timeout() -> String {
-    "30s".into()
-}
-fn default_connect_timeout() -> String {
-    "5s".into()
-}
+/// Records per request in batch mode when `maxBatchSize` is unset.
+const DEFAULT_BATCH: u64 = 500;
+/// Concurrent requests in single mode when `maxInFlight` is unset.
+const DEFAULT_IN_FLIGHT: u64 = 32;
+/// Whole-request timeout when `timeout` is unset.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connect timeout when `connectTimeout` is unset.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A validated config. Header values are secrets (they usually carry
 /// credentials) and the URL may hold a password or token, so `Debug` shows
@@ -122,63 +87,69 @@ impl std::fmt::Debug for HttpConfig {
 
 /// Checks everything and reports every problem at once.
 pub fn validate(value: &serde_json::Value) -> Result<HttpConfig, ConfigProblems> {
-    let raw: Raw = parse_destination_config(value, CONFIG_KEYS)?;
-    let mut p = ConfigProblems(Vec::new());
-    let url = match reqwest::Url::parse(&raw.url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
-        Ok(u) => {
-            p.push(format!("url: scheme `{}` is not http or https", u.scheme()));
-            None
-        }
-        Err(e) => {
-            p.push(format!("url: {e}"));
+    let mut p = ConfigReader::new(value, CONFIG_KEYS);
+    let url = match p.url("url") {
+        Some(u) => match reqwest::Url::parse(&u) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                p.push(format!("`url`: {e}"));
+                None
+            }
+        },
+        None => {
+            if p.raw("url").is_none() {
+                p.push("`url` is required (the endpoint, http or https)");
+            }
             None
         }
     };
-    for (name, value) in &raw.headers {
+    let headers: BTreeMap<String, Secret> = p.value("headers").unwrap_or_default();
+    for (name, value) in &headers {
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            p.push(format!("headers: `{name}` is not a valid header name"));
+            p.push(format!("`headers`: `{name}` is not a valid header name"));
         }
         if name.eq_ignore_ascii_case("idempotency-key") {
             // One fixed key would make a deduplicating receiver drop every
             // request after the first.
             p.push(format!(
-                "headers: `{name}` is set by the destination itself, per request (a key per job set); remove it"
+                "`headers`: `{name}` is set by the destination itself, per request (a key per job set); remove it"
             ));
         }
         if reqwest::header::HeaderValue::from_str(value.expose()).is_err() {
             p.push(format!(
-                "headers: the value of `{name}` is not a valid header value"
+                "`headers`: the value of `{name}` is not a valid header value"
             ));
         }
     }
-    if raw.max_batch_size == 0 {
-        p.push("maxBatchSize must be at least 1");
-    }
-    if raw.max_in_flight == 0 {
-        p.push("maxInFlight must be at least 1");
-    }
-    let mut dur = |key: &str, v: &str| match parse_duration(v, Duration::from_secs(1)) {
-        Ok(d) if !d.is_zero() => d,
-        Ok(_) => {
-            p.push(format!("{key} must be greater than zero"));
-            Duration::from_secs(1)
-        }
-        Err(e) => {
-            p.push(format!("{key}: {e}"));
-            Duration::from_secs(1)
-        }
+    let method = match p.choice("method", &["POST", "PUT"]) {
+        Some("PUT") => Method::Put,
+        _ => Method::Post,
     };
-    let timeout = dur("timeout", &raw.timeout);
-    let connect_timeout = dur("connectTimeout", &raw.connect_timeout);
-    p.clone().into_result()?;
+    let mode = match p.choice("mode", &["batch", "single"]) {
+        Some("single") => Mode::Single,
+        _ => Mode::Batch,
+    };
+    let max_batch_size = p
+        .count("maxBatchSize", 1, u32::MAX.into())
+        .unwrap_or(DEFAULT_BATCH) as usize;
+    let max_in_flight = p
+        .count("maxInFlight", 1, u32::MAX.into())
+        .unwrap_or(DEFAULT_IN_FLIGHT) as usize;
+    let timeout = p.timeout("timeout").unwrap_or(DEFAULT_TIMEOUT);
+    let connect_timeout = p
+        .timeout("connectTimeout")
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    p.finish()?;
+    let Some(url) = url else {
+        return Err(ConfigProblems::one("`url` is required"));
+    };
     Ok(HttpConfig {
-        url: url.expect("checked above"),
-        method: raw.method,
-        headers: raw.headers,
-        mode: raw.mode,
-        max_batch_size: raw.max_batch_size,
-        max_in_flight: raw.max_in_flight,
+        url,
+        method,
+        headers,
+        mode,
+        max_batch_size,
+        max_in_flight,
         timeout,
         connect_timeout,
     })
@@ -196,6 +167,34 @@ mod tests {
         assert_eq!(c.mode, Mode::Batch);
         assert_eq!((c.max_batch_size, c.max_in_flight), (500, 32));
         assert_eq!(c.timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bare_numbers_are_seconds_and_timeouts_are_capped() {
+        let c = validate(&json!({
+            "url": "http://x", "timeout": 30, "connectTimeout": "250ms",
+            "method": "put", "mode": "single", "maxInFlight": "8"
+        }))
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(
+            (c.method, c.mode, c.max_in_flight),
+            (Method::Put, Mode::Single, 8)
+        );
+        let err = validate(&json!({"url": "http://x", "timeout": "2h", "connectTimeout": 0}))
+            .unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err:?}");
+        assert!(
+            err.0[0].contains("`timeout` = 7200s is longer than the 1h allowed"),
+            "{err}"
+        );
+        assert!(
+            err.0[1].contains("`connectTimeout` must be longer than zero"),
+            "{err}"
+        );
+        let err = validate(&json!({})).unwrap_err();
+        assert!(err.to_string().contains("`url` is required"), "{err}");
     }
 
     #[test]
@@ -221,7 +220,11 @@ mod tests {
             "{err}"
         );
         let err = validate(&json!({"url": "http://x", "method": "GET"})).unwrap_err();
-        assert!(err.to_string().contains("unknown variant `GET`"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("`method` = \"GET\" is not allowed (one of POST, PUT)"),
+            "{err}"
+        );
     }
 
     #[test]

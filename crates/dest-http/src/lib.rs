@@ -13,6 +13,7 @@
 //! [`upload`] (requests and outcome classification).
 
 pub mod config;
+pub mod destination;
 pub mod transform;
 pub mod upload;
 
@@ -20,11 +21,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, Job,
-    SimpleAsyncDestinationManager, StagedBatch, TransformError, UploadOutput, Uploader,
+    AsyncDestinationManager, ConfigProblems, DestinationContext, Job, StagedBatch, TransformError,
+    UploadOutput, Uploader,
 };
 
 pub use config::{HttpConfig, Method, Mode, CONFIG_KEYS};
+pub use destination::HttpDestination;
 
 /// The type name users write in `[[destinations]] type = "HTTP"`.
 pub const DESTINATION_TYPE: &str = "HTTP";
@@ -35,13 +37,9 @@ pub fn build(
     ctx: &DestinationContext,
     config: &serde_json::Value,
 ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    let validated = config::validate(config)?;
-    let client =
-        upload::Client::new(validated, ctx.telemetry.clone()).map_err(ConfigProblems::one)?;
-    Ok(Arc::new(SimpleAsyncDestinationManager::new(HttpUploader {
-        destination_id: ctx.id.clone(),
-        client,
-    })))
+    use batchrouter_core::Destination;
+    let settings = HttpDestination.validate(config)?;
+    HttpDestination.build(&settings, ctx)
 }
 
 /// The fire-and-forget uploader behind the `HTTP` destination.

@@ -11,23 +11,25 @@
 //! carries, the same on every re-send of that set (see [`idempotency_key`]),
 //! so a receiver can drop the repeats the router's duplicate window produces.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use batchrouter_core::classify::{error_for_status, parse_retry_after, root_cause};
 use batchrouter_core::{
     DestinationError, DestinationTelemetry, ErrorCode, JobError, JobId, Outcome, StagedBatch,
     Timestamp, UploadOutput,
 };
+use batchrouter_dest_kit::http::{self as kit, BodyError, TransportKind};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio::sync::mpsc;
 
 use crate::config::{HttpConfig, Method, Mode};
 use crate::transform::split_line;
 
-/// Body bytes of an error answer kept for the job's reason.
-const ERROR_BODY_LIMIT: usize = 2048;
+/// Largest error answer read for the job's reason (which keeps an excerpt of
+/// it). A longer one is not read, and the reason says so rather than quoting
+/// a silently cut body; the status alone still decides the verdict.
+pub const ERROR_BODY_LIMIT: usize = 64 * 1024;
 
 /// The header carrying a request's stable key (IETF draft
 /// `draft-ietf-httpapi-idempotency-key-header`, as Stripe and others use it).
@@ -132,15 +134,13 @@ impl Client {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let http = reqwest::Client::builder()
-            // A redirect would turn POST into GET (dropping the records while
-            // answering 2xx) and could carry secret headers to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.connect_timeout)
-            .pool_max_idle_per_host(cfg.max_in_flight.max(4))
-            .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        // Redirects are refused (see `client_builder`): one would turn POST
+        // into GET and could carry secret headers to another host.
+        let http = kit::build(
+            kit::client_builder(cfg.connect_timeout, cfg.timeout)
+                .pool_max_idle_per_host(cfg.max_in_flight.max(4)),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Client {
             http,
             cfg,
@@ -232,7 +232,8 @@ impl Client {
                         match chunk {
                             Ok(mut c) => c.pop(),
                             Err(e) => {
-                                *read_error.lock().unwrap() = Some(e);
+                                *read_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                                    Some(e);
                                 None
                             }
                         }
@@ -242,7 +243,7 @@ impl Client {
             .map(|(id, created, line)| {
                 let stop = stop.clone();
                 async move {
-                    if let Some(e) = stop.lock().unwrap().clone() {
+                    if let Some(e) = stop.lock().unwrap_or_else(PoisonError::into_inner).clone() {
                         return (id, deferred(&e), None);
                     }
                     let key = idempotency_key(Mode::Single, batch, &[(id, created)]);
@@ -250,7 +251,9 @@ impl Client {
                         Ok(()) => (id, Outcome::succeeded(), None),
                         Err(e) => {
                             if !matches!(e, DestinationError::Permanent { .. }) {
-                                stop.lock().unwrap().get_or_insert(e.clone());
+                                stop.lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .get_or_insert(e.clone());
                             }
                             (id, Outcome::from_destination_error(&e), e.retry_after())
                         }
@@ -276,7 +279,7 @@ impl Client {
         if !missing.is_empty() {
             let why = read_error
                 .lock()
-                .unwrap()
+                .unwrap_or_else(PoisonError::into_inner)
                 .clone()
                 .unwrap_or_else(|| "staged file ended early".into());
             fail_rest(&mut out, &missing, &why);
@@ -295,53 +298,37 @@ impl Client {
         if let Ok(v) = HeaderValue::from_str(key) {
             headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), v);
         }
-        let resp = match req.headers(headers).body(body).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let label = if e.is_timeout() { "timeout" } else { "error" };
-                self.telemetry.request(label);
-                return Err(transport_error(&e, self.cfg.timeout));
-            }
-        };
+        let resp = kit::send(self.telemetry.as_ref(), req.headers(headers).body(body))
+            .await
+            .map_err(|e| {
+                e.to_destination_error(match e.kind {
+                    TransportKind::Timeout => format!(
+                        "request timed out after {}s",
+                        self.cfg.timeout.as_secs_f64()
+                    ),
+                    TransportKind::Connect => format!("connection failed: {e}"),
+                    TransportKind::Other => format!("request failed: {e}"),
+                })
+            })?;
         let status = resp.status().as_u16();
-        self.telemetry.request(resp.status().as_str());
         if resp.status().is_success() {
             return Ok(());
         }
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = read_limited(resp, ERROR_BODY_LIMIT).await;
-        Err(error_for_status(status, &body, retry_after)
+        let retry_after = kit::retry_after(resp.headers());
+        let body = error_body(kit::read_capped(resp, ERROR_BODY_LIMIT).await);
+        Err(kit::error_for_status(status, &body, retry_after)
             .unwrap_or_else(|| DestinationError::retryable(format!("HTTP {status}"))))
     }
 }
 
-fn transport_error(e: &reqwest::Error, timeout: Duration) -> DestinationError {
-    if e.is_timeout() {
-        DestinationError::retryable(format!(
-            "request timed out after {}s",
-            timeout.as_secs_f64()
-        ))
-    } else if e.is_connect() {
-        DestinationError::retryable(format!("connection failed: {}", root_cause(e)))
-    } else {
-        DestinationError::retryable(format!("request failed: {}", root_cause(e)))
+/// The text of an error answer for the job's reason. The status decides the
+/// verdict whatever happens to the body, so a body that cannot be read is
+/// described, loudly, instead of quoted.
+fn error_body(read: Result<bytes::Bytes, BodyError>) -> String {
+    match read {
+        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+        Err(e) => format!("({e})"),
     }
-}
-
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> String {
-    let mut buf: Vec<u8> = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let take = (limit - buf.len()).min(chunk.len());
-        buf.extend_from_slice(&chunk[..take]);
-        if buf.len() >= limit {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Outcome of a record not sent because an earlier request failed
@@ -432,6 +419,38 @@ mod tests {
             attempt: 1,
             created_at: Timestamp(at),
         }
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_over_the_cap_is_reported_not_cut() {
+        use batchrouter_testkit::http::{Fault, HttpStandIn};
+        let s = HttpStandIn::start().await;
+        let cfg = crate::config::validate(&serde_json::json!({ "url": s.url() })).unwrap();
+        let c = Client::new(cfg, Arc::new(batchrouter_core::NoopTelemetry)).unwrap();
+        // Over the cap: the status still decides, the reason says why no
+        // excerpt (it used to quote the first 2 KB as if it were the body).
+        s.push_fault(Fault {
+            status: 400,
+            body: "x".repeat(ERROR_BODY_LIMIT + 1),
+            ..Default::default()
+        });
+        let e = c.send(b"[]".to_vec(), "k").await.unwrap_err();
+        assert!(matches!(e, DestinationError::Permanent { .. }), "{e:?}");
+        assert_eq!(
+            e.message(),
+            format!(
+                "HTTP 400: (the answer is larger than {ERROR_BODY_LIMIT} bytes, so it was not read)"
+            )
+        );
+        // At the cap: quoted as an excerpt.
+        s.push_fault(Fault {
+            status: 503,
+            body: "y".repeat(ERROR_BODY_LIMIT),
+            ..Default::default()
+        });
+        let e = c.send(b"[]".to_vec(), "k").await.unwrap_err();
+        assert!(matches!(e, DestinationError::Retryable { .. }), "{e:?}");
+        assert_eq!(e.message(), format!("HTTP 503: {}…", "y".repeat(200)));
     }
 
     #[test]

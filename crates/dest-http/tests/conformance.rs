@@ -3,6 +3,12 @@
 //! (arrays, where a refused request refuses its records together) and single
 //! (one request per record, so records are rejected one by one).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 
 use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};

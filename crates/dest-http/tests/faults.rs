@@ -3,6 +3,12 @@
 //! a retry (`Failed`), a throttle pause (`Throttled`, hint honoured) or an
 //! abort with a reason, and no job id is ever lost or doubled.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,12 @@
 //! The HTTP destination against the stand-in over real loopback HTTP:
 //! every outcome class, headers, methods and concurrency.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

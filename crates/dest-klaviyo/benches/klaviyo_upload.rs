@@ -8,6 +8,12 @@
 //! profile count, `KLAVIYO_BENCH_BATCH` the staged batch size (memory must
 //! not grow with it).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,14 +3,15 @@
 //! telemetry count per request, and parsing of JSON:API error documents.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use batchrouter_core::classify::{error_for_status, excerpt, parse_retry_after};
+use batchrouter_core::render::excerpt;
 use batchrouter_core::{DestinationError, DestinationTelemetry};
-use bytes::Bytes;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+use batchrouter_dest_kit::http::{
+    self as kit, classify_status, BodyError, TransportError, TransportKind,
 };
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -107,19 +108,7 @@ impl Answer {
 
     /// The generic class of a non-2xx answer (None for 2xx).
     pub fn to_destination_error(&self) -> Option<DestinationError> {
-        let e = error_for_status(self.status, "", self.retry_after)?;
-        let message = self.summary();
-        Some(match e {
-            DestinationError::Retryable { retry_after, .. } => DestinationError::Retryable {
-                message,
-                retry_after,
-            },
-            DestinationError::Throttled { retry_after, .. } => DestinationError::Throttled {
-                message,
-                retry_after,
-            },
-            DestinationError::Permanent { .. } => DestinationError::Permanent { message },
-        })
+        classify_status(self.status).error(self.summary(), self.retry_after)
     }
 }
 
@@ -223,17 +212,13 @@ impl KlaviyoClient {
                 .map_err(|_| "`revision` cannot be sent in a header".to_string())?,
         );
         headers.insert(ACCEPT, HeaderValue::from_static(JSON_API));
-        headers.insert(
-            USER_AGENT,
-            HeaderValue::from_static(concat!("batchrouter/", env!("CARGO_PKG_VERSION"))),
-        );
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(cfg.connect_timeout)
-            .timeout(cfg.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(50))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        // Redirects are refused: one could carry the key to another host.
+        let http = kit::build(
+            kit::client_builder(cfg.connect_timeout, cfg.request_timeout)
+                .default_headers(headers)
+                .pool_idle_timeout(Duration::from_secs(50)),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(KlaviyoClient {
             http,
             base: cfg.base_url.clone(),
@@ -287,32 +272,23 @@ impl KlaviyoClient {
                 Refused::Paused(d) => RequestError::Paused(d),
                 Refused::NoSlotBefore(d) => RequestError::OutOfTime(d),
             })?;
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return Err(self.transport_error(e)),
-        };
+        let resp = kit::send(self.telemetry.as_ref(), req)
+            .await
+            .map_err(|e| transport_error(e, ""))?;
         let status = resp.status().as_u16();
-        self.telemetry.request(&status.to_string());
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()))
-            .map(|d| d.min(MAX_PAUSE));
+        let retry_after = kit::retry_after(resp.headers()).map(|d| d.min(MAX_PAUSE));
         if status == 429 {
             if let Some(d) = retry_after {
                 self.limiter.pause_for(d);
             }
         }
-        let body = match read_capped(resp, MAX_ANSWER_BYTES).await {
+        // The status was already counted; a body error is the answer cut short.
+        let body = match kit::read_capped(resp, MAX_ANSWER_BYTES).await {
             Ok(b) => b,
-            Err(ReadError::TooLarge) => {
-                return Err(RequestError::TooLarge {
-                    status,
-                    limit: MAX_ANSWER_BYTES,
-                })
+            Err(BodyError::TooLarge { limit }) => {
+                return Err(RequestError::TooLarge { status, limit })
             }
-            Err(ReadError::Http(e)) => return Err(self.body_error(e)),
+            Err(BodyError::Transport(e)) => return Err(transport_error(e, "reading the answer: ")),
         };
         Ok(Answer {
             status,
@@ -320,68 +296,16 @@ impl KlaviyoClient {
             retry_after,
         })
     }
-
-    fn transport_error(&self, e: reqwest::Error) -> RequestError {
-        let timeout = e.is_timeout();
-        self.telemetry
-            .request(if timeout { "timeout" } else { "error" });
-        let text = error_chain(&e.without_url());
-        if timeout {
-            RequestError::Timeout(text)
-        } else {
-            RequestError::Transport(text)
-        }
-    }
-
-    fn body_error(&self, e: reqwest::Error) -> RequestError {
-        // The status was already counted; the answer was then cut short.
-        let timeout = e.is_timeout();
-        let text = error_chain(&e.without_url());
-        if timeout {
-            RequestError::Timeout(format!("reading the answer: {text}"))
-        } else {
-            RequestError::Transport(format!("reading the answer: {text}"))
-        }
-    }
 }
 
-/// Why an answer's body was not read.
-enum ReadError {
-    /// Longer than the cap (announced by `Content-Length` or found while reading).
-    TooLarge,
-    /// The connection failed while reading.
-    Http(reqwest::Error),
-}
-
-/// Reads a body of at most `limit` bytes; a longer one is an error, never
-/// silently cut (a cut body would surface later as "malformed JSON").
-async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ReadError> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(ReadError::TooLarge);
+/// A request without a (complete) answer as this client's error; `doing`
+/// prefixes the cause (empty for the request itself).
+fn transport_error(e: TransportError, doing: &str) -> RequestError {
+    let text = format!("{doing}{}", e.detail);
+    match e.kind {
+        TransportKind::Timeout => RequestError::Timeout(text),
+        TransportKind::Connect | TransportKind::Other => RequestError::Transport(text),
     }
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Http)? {
-        if buf.len() + chunk.len() > limit {
-            return Err(ReadError::TooLarge);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
-}
-
-/// The error and its causes on one line (reqwest hides the useful part in sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// `scheme://host:port` of a URL, with the default port made explicit.
@@ -462,6 +386,48 @@ mod tests {
         );
         assert!(answer(202, "{}").to_destination_error().is_none());
         assert_eq!(describe(None, Some("Title"), Some(" ")), "Title");
+    }
+
+    #[tokio::test]
+    async fn redirects_are_refused_so_the_key_stays_home() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 16 * 1024];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                log.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap_or_default().to_string());
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 301 Moved\r\nlocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        let cfg = KlaviyoConfig::from_value(&serde_json::json!({
+            "privateApiKey": "pk_abc",
+            "baseUrl": base,
+        }))
+        .unwrap();
+        let c = KlaviyoClient::new(&cfg, Arc::new(batchrouter_core::NoopTelemetry)).unwrap();
+        let a = c
+            .get(&c.url("/api/profile-bulk-import-jobs/1"), None)
+            .await
+            .unwrap();
+        assert_eq!(a.status, 301);
+        assert!(matches!(
+            a.to_destination_error(),
+            Some(DestinationError::Permanent { .. })
+        ));
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "the redirect was followed: {seen:?}");
     }
 
     #[test]

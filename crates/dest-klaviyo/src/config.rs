@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use batchrouter_core::destination::json_kind as kind;
-use batchrouter_core::lookup::{parse_bytes, parse_duration};
-use batchrouter_core::{parse_destination_config, ConfigProblems, ManagerLimits, Secret};
-use serde_json::{Map, Value};
+use batchrouter_core::{ConfigProblems, ConfigReader, ManagerLimits, Secret};
+use serde_json::Value;
 
 /// The vendor's API host, used when `baseUrl` is not set.
 pub const DEFAULT_BASE_URL: &str = "https://a.klaviyo.com";
@@ -33,8 +31,6 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// ends within 9 minutes, under the router's default `uploadCallTimeout`
 /// (10 minutes), so the imports it created are always recorded.
 pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
-/// Longest timeout accepted: anything longer is a typo, not a wish.
-const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Smallest request body cap accepted: anything smaller cannot hold a real profile.
 const MIN_REQUEST_BYTES: u64 = 4_096;
 /// Bytes of request envelope around the profiles, list relationship excluded.
@@ -89,37 +85,25 @@ pub struct KlaviyoConfig {
 impl KlaviyoConfig {
     /// Parses and checks a config table, reporting every problem found.
     pub fn from_value(config: &Value) -> Result<Self, ConfigProblems> {
-        // Unknown keys (with did-you-mean) come from the shared parser; the
-        // per-key checks below run regardless so every problem is listed.
-        let mut problems = match parse_destination_config::<Map<String, Value>>(config, CONFIG_KEYS)
-        {
-            Ok(_) => ConfigProblems(Vec::new()),
-            Err(p) => p,
-        };
-        let empty = Map::new();
-        let map = config.as_object().unwrap_or(&empty);
-        let mut p = Checker {
-            map,
-            problems: &mut problems,
-        };
+        // The shared reader reports unknown keys (with did-you-mean) and
+        // every per-key problem, so all are listed at once.
+        let mut p = ConfigReader::new(config, CONFIG_KEYS);
 
-        let key = p.string("privateApiKey");
-        let private_api_key = match key {
-            None => {
+        let private_api_key = p.secret("privateApiKey");
+        if let Some(k) = &private_api_key {
+            if k.expose()
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            {
+                p.push("`privateApiKey` contains whitespace or control characters (check where it comes from)");
+            }
+        }
+        let private_api_key = private_api_key.unwrap_or_else(|| {
+            if p.raw("privateApiKey").is_none() {
                 p.push("`privateApiKey` is required (the Klaviyo private API key, e.g. \"${KLAVIYO_PRIVATE_API_KEY}\")");
-                Secret::default()
             }
-            Some(k) if k.trim().is_empty() => {
-                p.push("`privateApiKey` is empty (is the environment variable it comes from set?)");
-                Secret::default()
-            }
-            Some(k) => {
-                if k.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    p.push("`privateApiKey` contains whitespace or control characters (check where it comes from)");
-                }
-                Secret::new(k)
-            }
-        };
+            Secret::default()
+        });
 
         let list_id = p.string("listId").and_then(|l| {
             if l.is_empty() {
@@ -162,7 +146,7 @@ impl KlaviyoConfig {
         };
 
         let max_request_bytes = p
-            .bytes("maxRequestBytes")
+            .bytes("maxRequestBytes", 0, u64::MAX)
             .unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
         if !(MIN_REQUEST_BYTES..=VENDOR_MAX_REQUEST_BYTES).contains(&max_request_bytes) {
             p.push(format!(
@@ -173,7 +157,7 @@ impl KlaviyoConfig {
         let room = max_request_bytes.saturating_sub(ENVELOPE_OVERHEAD + list_overhead);
         // Unset, the vendor's figure, shrunk to fit a smaller request cap.
         let max_profile_bytes = p
-            .bytes("maxProfileBytes")
+            .bytes("maxProfileBytes", 0, u64::MAX)
             .unwrap_or_else(|| DEFAULT_MAX_PROFILE_BYTES.min(room.max(64)));
         if max_profile_bytes < 64 {
             p.push(format!("`maxProfileBytes` = {max_profile_bytes} is too small to hold a profile (at least 64)"));
@@ -186,7 +170,7 @@ impl KlaviyoConfig {
         }
 
         let max_profiles = p
-            .count("maxProfilesPerRequest")
+            .count("maxProfilesPerRequest", 0, u64::MAX)
             .unwrap_or(VENDOR_MAX_PROFILES_PER_REQUEST);
         if !(1..=VENDOR_MAX_PROFILES_PER_REQUEST).contains(&max_profiles) {
             p.push(format!(
@@ -194,20 +178,24 @@ impl KlaviyoConfig {
             ));
         }
 
-        let per_second = p.rate("rateLimitPerSecond", DEFAULT_RATE_LIMIT_PER_SECOND);
-        let per_minute = p.rate("rateLimitPerMinute", DEFAULT_RATE_LIMIT_PER_MINUTE);
+        let mut rate = |key: &str, default: u32| {
+            p.count(key, 1, u64::from(u32::MAX))
+                .map_or(default, |n| u32::try_from(n).unwrap_or(default))
+        };
+        let per_second = rate("rateLimitPerSecond", DEFAULT_RATE_LIMIT_PER_SECOND);
+        let per_minute = rate("rateLimitPerMinute", DEFAULT_RATE_LIMIT_PER_MINUTE);
 
         let connect_timeout = p
-            .duration("connectTimeout")
+            .timeout("connectTimeout")
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let request_timeout = p
-            .duration("requestTimeout")
+            .timeout("requestTimeout")
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let upload_time_budget = p
-            .duration("uploadTimeBudget")
+            .timeout("uploadTimeBudget")
             .unwrap_or(DEFAULT_UPLOAD_TIME_BUDGET);
 
-        problems.into_result()?;
+        p.finish()?;
         Ok(KlaviyoConfig {
             private_api_key,
             list_id,
@@ -253,118 +241,6 @@ impl KlaviyoConfig {
             max_upload_bytes: Some(requests.saturating_mul(per_request)),
             max_events: Some(usize::try_from(events).unwrap_or(usize::MAX)),
         }
-    }
-}
-
-/// Reads one key at a time, recording a problem instead of stopping.
-struct Checker<'a> {
-    map: &'a Map<String, Value>,
-    problems: &'a mut ConfigProblems,
-}
-
-impl Checker<'_> {
-    fn push(&mut self, problem: impl Into<String>) {
-        self.problems.push(problem);
-    }
-
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn string(&mut self, key: &str) -> Option<String> {
-        match self.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            other => {
-                let kind = kind(other);
-                self.push(format!("`{key}` must be a string, not {kind}"));
-                None
-            }
-        }
-    }
-
-    fn count(&mut self, key: &str) -> Option<u64> {
-        match self.get(key)? {
-            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
-            Value::String(s) => match batchrouter_core::lookup::parse_count(s) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    self.push(format!("`{key}`: {e}"));
-                    None
-                }
-            },
-            other => {
-                let kind = kind(other);
-                self.push(format!(
-                    "`{key}` must be a non-negative integer, not {kind}"
-                ));
-                None
-            }
-        }
-    }
-
-    fn rate(&mut self, key: &str, default: u32) -> u32 {
-        match self.count(key) {
-            None => default,
-            Some(0) => {
-                self.push(format!("`{key}` must be at least 1"));
-                default
-            }
-            Some(n) => u32::try_from(n).unwrap_or_else(|_| {
-                self.push(format!("`{key}` = {n} is too large"));
-                default
-            }),
-        }
-    }
-
-    fn bytes(&mut self, key: &str) -> Option<u64> {
-        match self.get(key)? {
-            Value::Number(n) if n.as_u64().is_some() => n.as_u64(),
-            Value::String(s) => match parse_bytes(s) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    self.push(format!("`{key}`: {e}"));
-                    None
-                }
-            },
-            other => {
-                let kind = kind(other);
-                self.push(format!(
-                    "`{key}` must be a byte size (e.g. 100KB or 100000), not {kind}"
-                ));
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, key: &str) -> Option<Duration> {
-        let d = match self.get(key)? {
-            Value::Number(n) if n.as_u64().is_some() => {
-                Duration::from_secs(n.as_u64().unwrap_or(0))
-            }
-            Value::String(s) => match parse_duration(s, Duration::from_secs(1)) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.push(format!("`{key}`: {e}"));
-                    return None;
-                }
-            },
-            other => {
-                let kind = kind(other);
-                self.push(format!(
-                    "`{key}` must be a duration (e.g. \"10s\"), not {kind}"
-                ));
-                return None;
-            }
-        };
-        if d.is_zero() {
-            self.push(format!("`{key}` must be longer than zero"));
-            return None;
-        }
-        if d > MAX_TIMEOUT {
-            self.push(format!("`{key}` = {d:?} is longer than the 1h allowed"));
-            return None;
-        }
-        Some(d)
     }
 }
 

@@ -28,6 +28,7 @@
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod destination;
 mod pack;
 pub mod poll;
 pub mod ratelimit;
@@ -44,8 +45,9 @@ use batchrouter_core::{
 };
 
 pub use config::{KlaviyoConfig, CONFIG_KEYS};
+pub use destination::KlaviyoDestination;
 
-/// The destination type name the router's factory registers.
+/// The destination type name users write and the registry lists.
 pub const DESTINATION_TYPE: &str = "KLAVIYO_BULK_UPLOAD";
 
 /// Validates `config` fully (every problem, not just the first) and builds
@@ -54,7 +56,9 @@ pub fn build(
     ctx: &DestinationContext,
     config: &serde_json::Value,
 ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    Ok(Arc::new(KlaviyoManager::new(ctx, config)?))
+    use batchrouter_core::Destination;
+    let settings = KlaviyoDestination.validate(config)?;
+    KlaviyoDestination.build(&settings, ctx)
 }
 
 /// The manager of one Klaviyo destination; holds only the client and the
@@ -71,7 +75,14 @@ impl KlaviyoManager {
         ctx: &DestinationContext,
         config: &serde_json::Value,
     ) -> Result<Self, ConfigProblems> {
-        let cfg = KlaviyoConfig::from_value(config)?;
+        Self::from_settings(ctx, KlaviyoConfig::from_value(config)?)
+    }
+
+    /// Builds the manager from an already validated config (no network I/O).
+    pub fn from_settings(
+        ctx: &DestinationContext,
+        cfg: KlaviyoConfig,
+    ) -> Result<Self, ConfigProblems> {
         let client =
             client::KlaviyoClient::new(&cfg, ctx.telemetry.clone()).map_err(ConfigProblems::one)?;
         Ok(KlaviyoManager {

@@ -203,7 +203,7 @@ pub(crate) fn read_staged(batch: StagedBatch, packing: Packing, tx: mpsc::Sender
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 // More lines than jobs: every job is already covered.
-                warn!(batch = %batch.batch_id, error = %e, "staged file has extra lines; ignored");
+                warn!(batch_id = %batch.batch_id, error = %e, "staged file has extra lines; ignored");
                 break;
             }
             Err(e) => {

@@ -9,7 +9,7 @@ use batchrouter_core::{
     DestinationError, ErrorCode, ImportHandle, JobError, PollStatus, Timestamp,
 };
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::client::Answer;
 use crate::context::ImportContext;
@@ -58,7 +58,7 @@ impl JobDocument {
         serde_json::from_slice::<JobDocument>(&answer.body).map_err(|e| {
             format!(
                 "malformed answer from Klaviyo ({e}): {}",
-                batchrouter_core::classify::excerpt(&String::from_utf8_lossy(&answer.body), 200)
+                batchrouter_core::render::excerpt(&String::from_utf8_lossy(&answer.body), 200)
             )
         })
     }
@@ -99,7 +99,7 @@ pub async fn poll(
         Err(e) => {
             // Nothing will ever make this context readable: let the jobs be
             // uploaded again rather than wait for the import deadline.
-            warn!(destination = %m.destination_id, import = import.id, error = %e, "klaviyo import context unreadable");
+            warn!(destination_id = %m.destination_id, import_id = import.id, error = %e, "klaviyo import context unreadable");
             return Ok(PollStatus::Failed {
                 retryable: true,
                 error: JobError::new(ErrorCode::ImportFailed, e.to_string()),
@@ -108,11 +108,11 @@ pub async fn poll(
     };
     let url = m.client.url(&job_path(&ctx.klaviyo_job_id));
     let answer = m.client.get(&url, None).await.map_err(|e| {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, error = %e, "klaviyo poll failed");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, error = %e, "klaviyo poll failed");
         e.to_destination_error()
     })?;
     if answer.status == 404 && !gone_for_good(import) {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet); polling again");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet); polling again");
         return Err(not_found_yet(import, &ctx.klaviyo_job_id));
     }
     if answer.status == 404 {
@@ -120,23 +120,23 @@ pub async fn poll(
             "Klaviyo no longer knows import job {} (HTTP 404: expired or deleted); the jobs will be uploaded again",
             ctx.klaviyo_job_id
         );
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found");
         return Ok(PollStatus::Failed {
             retryable: true,
             error: JobError::new(ErrorCode::ImportFailed, msg),
         });
     }
     if let Some(e) = answer.to_destination_error() {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, status = answer.status, error = %e, "klaviyo poll refused");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, status = answer.status, error = %e, "klaviyo poll refused");
         return Err(e);
     }
     let doc = JobDocument::parse(&answer).map_err(DestinationError::retryable)?;
     let a = &doc.data.attributes;
     let status = a.status.as_deref().unwrap_or("");
     let result = status_to_poll(&ctx.klaviyo_job_id, a);
-    info!(
-        destination = %m.destination_id,
-        import = import.id,
+    debug!(
+        destination_id = %m.destination_id,
+        import_id = import.id,
         klaviyo_job = %ctx.klaviyo_job_id,
         status,
         completed = a.completed_count.unwrap_or(0),

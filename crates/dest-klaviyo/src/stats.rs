@@ -75,7 +75,7 @@ pub async fn get_upload_stats(
     let ctx = match ImportContext::from_value(&import.context) {
         Ok(c) => c,
         Err(e) => {
-            warn!(destination = %m.destination_id, import = import.id, error = %e, "klaviyo import context unreadable");
+            warn!(destination_id = %m.destination_id, import_id = import.id, error = %e, "klaviyo import context unreadable");
             return Ok(all_failed(
                 &import.job_ids,
                 format!(
@@ -91,11 +91,11 @@ pub async fn get_upload_stats(
         .await
         .map_err(|e| e.to_destination_error())?;
     if answer.status == 404 && !gone_for_good(import) {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet) when reading results; asking again later");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found (yet) when reading results; asking again later");
         return Err(not_found_yet(import, &ctx.klaviyo_job_id));
     }
     if answer.status == 404 {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found when reading results");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, "klaviyo import job not found when reading results");
         return Ok(all_failed(
             &import.job_ids,
             format!(
@@ -117,7 +117,7 @@ pub async fn get_upload_stats(
     }
     let failed_count = doc.data.attributes.failed_count.unwrap_or(0);
     if failed_count == 0 {
-        info!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, jobs = import.job_ids.len(), "klaviyo upload stats: no failed profiles");
+        debug!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, jobs = import.job_ids.len(), "klaviyo upload stats: no failed profiles");
         return Ok(UploadStats::default());
     }
 
@@ -142,7 +142,7 @@ pub async fn get_upload_stats(
             Ok(a) => Ok(a),
             Err(RequestError::Paused(d)) => Err(d),
             Err(e) => {
-                warn!(destination = %m.destination_id, import = import.id, page = pages + 1, error = %e, "klaviyo import-errors page not read");
+                warn!(destination_id = %m.destination_id, import_id = import.id, page = pages + 1, error = %e, "klaviyo import-errors page not read");
                 return Err(e.to_destination_error());
             }
         };
@@ -151,21 +151,21 @@ pub async fn get_upload_stats(
             Err(pause) => {
                 let wait = pause.clamp(Duration::from_millis(10), MAX_PAGE_WAIT);
                 if tokio::time::Instant::now() + wait > deadline {
-                    warn!(destination = %m.destination_id, import = import.id, page = pages + 1, pause_ms = pause.as_millis() as u64, "klaviyo import-errors paused past uploadTimeBudget; reading again later");
+                    warn!(destination_id = %m.destination_id, import_id = import.id, page = pages + 1, pause_ms = pause.as_millis() as u64, "klaviyo import-errors paused past uploadTimeBudget; reading again later");
                     return Err(DestinationError::throttled(
                         format!("Klaviyo paused reading import errors (page {}) past uploadTimeBudget; reading again later", pages + 1),
                         Some(pause),
                     ));
                 }
                 waits += 1;
-                info!(destination = %m.destination_id, import = import.id, page = pages + 1, wait_ms = wait.as_millis() as u64, "klaviyo import-errors paused by a 429; waiting, then going on from the same page");
+                info!(destination_id = %m.destination_id, import_id = import.id, page = pages + 1, wait_ms = wait.as_millis() as u64, "klaviyo import-errors paused by a 429; waiting, then going on from the same page");
                 tokio::time::sleep(wait).await;
                 continue;
             }
         };
         pages += 1;
         if let Some(e) = answer.to_destination_error() {
-            warn!(destination = %m.destination_id, import = import.id, page = pages, status = answer.status, error = %e, "klaviyo import-errors page refused");
+            warn!(destination_id = %m.destination_id, import_id = import.id, page = pages, status = answer.status, error = %e, "klaviyo import-errors page refused");
             return Err(e);
         }
         let page: ErrorsPage = serde_json::from_slice(&answer.body).map_err(|e| {
@@ -205,7 +205,7 @@ pub async fn get_upload_stats(
                 }
                 Match::One(_) | Match::None => {
                     unmatched += 1;
-                    debug!(destination = %m.destination_id, import = import.id, pointer, code = a.code.as_deref(), "klaviyo import error matches no pending job");
+                    debug!(destination_id = %m.destination_id, import_id = import.id, pointer, code = a.code.as_deref(), "klaviyo import error matches no pending job");
                 }
             }
         }
@@ -227,18 +227,18 @@ pub async fn get_upload_stats(
     if listed < failed_count {
         // The unlisted failed profiles would end `succeeded`: read again
         // later (the router retries until the import deadline).
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, failed_count, listed, pages, "klaviyo listed fewer import errors than failed profiles; results will be read again");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, failed_count, listed, pages, "klaviyo listed fewer import errors than failed profiles; results will be read again");
         return Err(DestinationError::retryable(format!(
             "Klaviyo reports {failed_count} failed profiles for import job {} but lists {listed} import errors; reading the results again later",
             ctx.klaviyo_job_id
         )));
     }
     if unmatched > 0 {
-        warn!(destination = %m.destination_id, import = import.id, klaviyo_job = %ctx.klaviyo_job_id, unmatched, "klaviyo import errors matched no job");
+        warn!(destination_id = %m.destination_id, import_id = import.id, klaviyo_job = %ctx.klaviyo_job_id, unmatched, "klaviyo import errors matched no job");
     }
-    info!(
-        destination = %m.destination_id,
-        import = import.id,
+    debug!(
+        destination_id = %m.destination_id,
+        import_id = import.id,
         klaviyo_job = %ctx.klaviyo_job_id,
         failed_count,
         errors = listed,
@@ -251,7 +251,7 @@ pub async fn get_upload_stats(
     let outcomes = reasons
         .into_iter()
         .map(|(job, texts)| {
-            debug!(destination = %m.destination_id, job, reason = %texts.join("; "), "klaviyo profile rejected");
+            debug!(destination_id = %m.destination_id, job, reason = %texts.join("; "), "klaviyo profile rejected");
             (
                 job,
                 Outcome::Aborted(JobError::new(ErrorCode::RecordRejected, texts.join("; "))),

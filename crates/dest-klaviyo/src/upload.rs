@@ -140,9 +140,9 @@ pub async fn upload(m: &KlaviyoManager, batch: &StagedBatch) -> UploadOutput {
         }
     }
     let importing: usize = run.out.imports.iter().map(|i| i.job_ids.len()).sum();
-    info!(
-        destination = %m.destination_id,
-        batch = %batch.batch_id,
+    debug!(
+        destination_id = %m.destination_id,
+        batch_id = %batch.batch_id,
         attempt = batch.attempt,
         jobs = batch.job_ids.len(),
         imports = run.out.imports.len(),
@@ -163,11 +163,11 @@ impl Run<'_> {
         match &outcome {
             Outcome::Aborted(e) => {
                 self.aborted += 1;
-                debug!(destination = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job aborted");
+                debug!(destination_id = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job aborted");
             }
             Outcome::Failed(e) => {
                 self.failed += 1;
-                debug!(destination = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job failed");
+                debug!(destination_id = %self.m.destination_id, job, code = %e.code, reason = %e.message, "klaviyo job failed");
             }
             Outcome::Throttled(_) => self.throttled += 1,
             Outcome::Succeeded { .. } => {}
@@ -211,7 +211,7 @@ impl Run<'_> {
             match answer.status {
                 413 if chunk.len() > 1 => {
                     let (left, right) = chunk.split(&self.envelope);
-                    warn!(destination = %self.m.destination_id, profiles = left.len() + right.len(), "klaviyo refused the request as too large (413); splitting it");
+                    warn!(destination_id = %self.m.destination_id, profiles = left.len() + right.len(), "klaviyo refused the request as too large (413); splitting it");
                     queue.push_front((right, may_resubmit));
                     queue.push_front((left, may_resubmit));
                 }
@@ -239,7 +239,7 @@ impl Run<'_> {
                             // what every request of the batch shares (list,
                             // revision, envelope), so the rest would get it too.
                             let e = JobError::new(ErrorCode::DestinationRejected, answer.summary());
-                            warn!(destination = %self.m.destination_id, status = answer.status, profiles = chunk.len(), reason = %e.message, "klaviyo refused a request for a reason naming no profile; the rest of the batch is not sent");
+                            warn!(destination_id = %self.m.destination_id, status = answer.status, profiles = chunk.len(), reason = %e.message, "klaviyo refused a request for a reason naming no profile; the rest of the batch is not sent");
                             self.decide_all(&chunk.jobs, &Outcome::Aborted(e.clone()));
                             self.stop = Some(Stop::Aborted(refused_batch(&e)));
                         }
@@ -274,7 +274,7 @@ impl Run<'_> {
         self.stop = Some(match (e, de) {
             // Out of time: nothing failed, the rest is simply not sent either.
             (RequestError::OutOfTime(_), _) => {
-                info!(destination = %self.m.destination_id, budget_ms = self.m.cfg.upload_time_budget.as_millis() as u64, imports = self.out.imports.len(), "klaviyo upload reached uploadTimeBudget; the rest of the batch is throttled unsent");
+                info!(destination_id = %self.m.destination_id, budget_ms = self.m.cfg.upload_time_budget.as_millis() as u64, imports = self.out.imports.len(), "klaviyo upload reached uploadTimeBudget; the rest of the batch is throttled unsent");
                 Stop::Throttled(je)
             }
             (_, DestinationError::Throttled { .. }) => Stop::Throttled(not_sent(&je)),
@@ -334,7 +334,7 @@ impl Run<'_> {
         }
         let rest = chunk.subset(&self.envelope, |i| !bad.contains_key(&i));
         warn!(
-            destination = %self.m.destination_id,
+            destination_id = %self.m.destination_id,
             status = answer.status,
             invalid = bad.len(),
             remaining = rest.len(),

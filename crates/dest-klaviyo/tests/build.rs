@@ -1,5 +1,11 @@
 //! The factory entry points: `build` validates everything and does no I/O.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 
 use batchrouter_core::{DestinationContext, NoopTelemetry};

@@ -2,6 +2,12 @@
 //! (`batchrouter_testkit::conformance`), with the Klaviyo stand-in failing
 //! profiles inside the import (import-errors) and throttling with 429.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 
 use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};

@@ -2,6 +2,12 @@
 //! cancelled imports, paginated import errors, restarts, poll failures,
 //! 429 storms and the shared rate limit.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::collections::HashSet;

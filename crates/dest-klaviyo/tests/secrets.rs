@@ -3,6 +3,12 @@
 //! failing poll), at TRACE level and including the HTTP stack's own logs,
 //! is captured and searched.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use batchrouter_core::AsyncDestinationManager;

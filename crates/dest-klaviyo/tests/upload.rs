@@ -1,6 +1,12 @@
 //! Upload through the Klaviyo stand-in over loopback HTTP: splitting,
 //! per-profile rejection, list association, throttling and failures.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -8,6 +8,12 @@
 //! `maxEventsInABatch`, larger to fill 9.5 MB import files). Peak RSS is that
 //! of the whole process, stand-in included.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

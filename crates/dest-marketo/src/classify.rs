@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use batchrouter_core::classify::excerpt;
+use batchrouter_core::render::excerpt;
 use batchrouter_core::DestinationError;
 use serde::{Deserialize, Deserializer};
 

@@ -6,10 +6,11 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use batchrouter_core::classify::{error_for_status, excerpt, parse_retry_after};
+use batchrouter_core::render::excerpt;
 use batchrouter_core::{DestinationError, DestinationTelemetry, Secret};
+use batchrouter_dest_kit::http::{self as kit, error_for_status, BodyError, TransportError};
 use reqwest::multipart::{Form, Part};
 use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -157,13 +158,12 @@ impl Client {
         settings: Arc<Settings>,
         telemetry: Arc<dyn DestinationTelemetry>,
     ) -> Result<Client, String> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(settings.connect_timeout)
-            .timeout(settings.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("batchrouter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
+        // Redirects are refused: one would turn the import POST into a GET.
+        let http = kit::build(
+            kit::client_builder(settings.connect_timeout, settings.request_timeout)
+                .pool_idle_timeout(Duration::from_secs(60)),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Client {
             http,
             settings,
@@ -298,11 +298,9 @@ impl Client {
                     DestinationError::retryable(format!("cannot write the result file: {e}"))
                 })?;
                 let mut total = 0u64;
-                while let Some(chunk) = resp
-                    .chunk()
-                    .await
-                    .map_err(|e| transport_error(e, "reading a result file"))?
-                {
+                while let Some(chunk) = resp.chunk().await.map_err(|e| {
+                    transport_error(&TransportError::from_reqwest(e), "reading a result file")
+                })? {
                     total += chunk.len() as u64;
                     if total > MAX_RESULT_BYTES {
                         return Err(DestinationError::retryable(format!(
@@ -368,7 +366,7 @@ impl Client {
         let started = Instant::now();
         let resp = self.send(request).await?;
         let status = resp.status();
-        let retry_after = retry_after(&resp);
+        let retry_after = kit::retry_after(resp.headers());
         let body = read_limited(resp, "token").await?;
         let answer: Option<TokenAnswer> = serde_json::from_slice(&body).ok();
         if !status.is_success() {
@@ -430,17 +428,9 @@ impl Client {
 
     /// Sends one request, counting it once in telemetry; errors carry no URL.
     async fn send(&self, request: RequestBuilder) -> Result<Response, DestinationError> {
-        match request.send().await {
-            Ok(resp) => {
-                self.telemetry.request(resp.status().as_str());
-                Ok(resp)
-            }
-            Err(e) => {
-                self.telemetry
-                    .request(if e.is_timeout() { "timeout" } else { "error" });
-                Err(transport_error(e, "sending a request"))
-            }
-        }
+        kit::send(self.telemetry.as_ref(), request)
+            .await
+            .map_err(|e| transport_error(&e, "sending a request"))
     }
 }
 
@@ -454,55 +444,32 @@ fn status_error(e: DestinationError, status: u16) -> RequestError {
     }
 }
 
-fn retry_after(resp: &Response) -> Option<Duration> {
-    resp.headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+/// A transport error as a retryable destination error (it carries no URL).
+fn transport_error(e: &TransportError, doing: &str) -> DestinationError {
+    e.to_destination_error(format!(
+        "Marketo {} while {doing}: {}",
+        e.kind.phrase(),
+        e.detail
+    ))
 }
 
-/// A transport error as a retryable destination error, without the URL.
-fn transport_error(e: reqwest::Error, doing: &str) -> DestinationError {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "transport error"
-    };
-    let mut text = format!("Marketo {kind} while {doing}");
-    let e = e.without_url();
-    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    DestinationError::retryable(text)
-}
-
-async fn read_limited(resp: Response, what: &str) -> Result<Vec<u8>, DestinationError> {
-    let mut resp = resp;
-    let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
+/// Reads a JSON answer of at most [`MAX_JSON_BYTES`]; a longer one is an
+/// error, never cut.
+async fn read_limited(resp: Response, what: &str) -> Result<bytes::Bytes, DestinationError> {
+    kit::read_capped(resp, MAX_JSON_BYTES)
         .await
-        .map_err(|e| transport_error(e, &format!("reading the {what} answer")))?
-    {
-        if body.len() + chunk.len() > MAX_JSON_BYTES {
-            return Err(DestinationError::retryable(format!(
-                "Marketo's {what} answer is larger than {MAX_JSON_BYTES} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => DestinationError::retryable(format!(
+                "Marketo's {what} answer is larger than {limit} bytes"
+            )),
+            BodyError::Transport(e) => transport_error(&e, &format!("reading the {what} answer")),
+        })
 }
 
 /// Reads Marketo's envelope: HTTP status first, then `success`/`errors`.
 async fn read_envelope<T: DeserializeOwned>(resp: Response, what: &str) -> Result<Vec<T>, Failure> {
     let status = resp.status();
-    let hint = retry_after(&resp);
+    let hint = kit::retry_after(resp.headers());
     let body = read_limited(resp, what).await?;
     if !status.is_success() {
         let text = String::from_utf8_lossy(&body);
@@ -528,4 +495,61 @@ async fn read_envelope<T: DeserializeOwned>(resp: Response, what: &str) -> Resul
         return Ok(envelope.result);
     }
     Err(classify_errors(&envelope.errors, hint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use batchrouter_core::NoopTelemetry;
+    use batchrouter_testkit::http::{Fault, HttpStandIn};
+
+    #[tokio::test]
+    async fn the_import_post_is_never_redirected_into_a_get() {
+        let marketo = HttpStandIn::start().await;
+        let elsewhere = HttpStandIn::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("leads.csv");
+        std::fs::write(&file, "email\na@example.com\n").unwrap();
+        let settings = Settings::from_config(&serde_json::json!({
+            "munchkinId": "123-ABC-456",
+            "clientId": "cid",
+            "clientSecret": "shh",
+            "passUnmappedFields": true,
+            "baseUrl": marketo.url(),
+        }))
+        .unwrap();
+        let client = Client::new(Arc::new(settings), Arc::new(NoopTelemetry)).unwrap();
+        // A token is at hand, so the first request is the import POST.
+        client
+            .token
+            .get(|| async {
+                Ok::<_, RequestError>(CachedToken::new(
+                    Secret::new("tok".to_string()),
+                    Duration::from_secs(3600),
+                    Instant::now(),
+                ))
+            })
+            .await
+            .unwrap();
+        for (n, status) in [301, 302, 303, 307, 308].into_iter().enumerate() {
+            marketo.push_fault(Fault::redirect(status, elsewhere.url()));
+            let e = client.create_import(&file, 20).await.unwrap_err();
+            assert!(
+                matches!(e.error, DestinationError::Permanent { .. }),
+                "{status}: {e:?}"
+            );
+            assert!(
+                e.error.message().starts_with(&format!("HTTP {status}")),
+                "{status}: {e:?}"
+            );
+            assert_eq!(marketo.requests(), n as u64 + 1, "{status}");
+            assert_eq!(marketo.last_method(), "POST", "{status}");
+            assert_eq!(
+                elsewhere.requests(),
+                0,
+                "{status}: the redirect was followed"
+            );
+        }
+    }
 }

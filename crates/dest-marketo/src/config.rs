@@ -4,8 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use batchrouter_core::lookup::{parse_bytes, parse_duration};
-use batchrouter_core::{parse_destination_config, ConfigProblems, Secret};
+use batchrouter_core::{ConfigProblems, ConfigReader, Secret};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::Value;
@@ -46,8 +45,6 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// the router's default `uploadCallTimeout` of 10 minutes.
 pub const DEFAULT_UPLOAD_TIME_BUDGET: Duration = Duration::from_secs(8 * 60);
 
-const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
-
 /// One `{from, to}` entry: job payload key → Marketo field API name.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,38 +55,6 @@ pub struct FieldMapping {
     /// Marketo field API name (CSV column).
     #[serde(default)]
     pub to: String,
-}
-
-/// The config table as written by the user (before semantic checks).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    munchkin_id: String,
-    #[serde(default)]
-    client_id: String,
-    #[serde(default)]
-    client_secret: Secret,
-    #[serde(default)]
-    de_duplication_field: Option<String>,
-    #[serde(default)]
-    column_fields_mapping: Vec<FieldMapping>,
-    #[serde(default)]
-    pass_unmapped_fields: bool,
-    #[serde(default)]
-    list_id: Option<Value>,
-    #[serde(default)]
-    partition_name: Option<String>,
-    #[serde(default)]
-    base_url: Option<String>,
-    #[serde(default)]
-    connect_timeout: Option<Value>,
-    #[serde(default)]
-    request_timeout: Option<Value>,
-    #[serde(default)]
-    max_file_size: Option<Value>,
-    #[serde(default)]
-    upload_time_budget: Option<Value>,
 }
 
 /// A validated configuration: everything the manager needs, nothing unchecked.
@@ -127,10 +92,14 @@ pub struct Settings {
 impl Settings {
     /// Parses and checks a config table, listing every problem found.
     pub fn from_config(config: &Value) -> Result<Settings, ConfigProblems> {
-        let raw: RawConfig = parse_destination_config(config, CONFIG_KEYS)?;
-        let mut problems = ConfigProblems(Vec::new());
-
-        let munchkin_id = raw.munchkin_id.trim().to_string();
+        // The shared reader reports unknown keys (with did-you-mean) and
+        // every per-key problem, so all are listed at once.
+        let mut problems = ConfigReader::new(config, CONFIG_KEYS);
+        let munchkin_id = problems
+            .string("munchkinId")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if munchkin_id.is_empty() {
             problems.push("`munchkinId` is required (the Marketo instance id, e.g. `123-ABC-456`)");
         } else if !munchkin_id
@@ -141,16 +110,25 @@ impl Settings {
                 "`munchkinId` = {munchkin_id:?} may only contain letters, digits and `-` (e.g. `123-ABC-456`)"
             ));
         }
-        let client_id = raw.client_id.trim().to_string();
+        let client_id = problems
+            .string("clientId")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         if client_id.is_empty() {
             problems.push("`clientId` is required (the LaunchPoint service's client id)");
         }
-        if raw.client_secret.expose().trim().is_empty() {
-            problems
-                .push("`clientSecret` is required (use `${ENV_NAME}` to keep it out of the file)");
-        }
+        let client_secret = problems.secret("clientSecret").unwrap_or_else(|| {
+            if problems.raw("clientSecret").is_none() {
+                problems.push(
+                    "`clientSecret` is required (use `${ENV_NAME}` to keep it out of the file)",
+                );
+            }
+            Secret::default()
+        });
 
-        let lookup_field = match raw.de_duplication_field.as_deref().map(str::trim) {
+        let de_duplication_field = problems.string("deDuplicationField");
+        let lookup_field = match de_duplication_field.as_deref().map(str::trim) {
             None => "email".to_string(),
             Some("") => {
                 problems.push("`deDuplicationField` must not be empty (default `email`)");
@@ -159,8 +137,10 @@ impl Settings {
             Some(f) => f.to_string(),
         };
 
+        let mapping: Vec<FieldMapping> = problems.value("columnFieldsMapping").unwrap_or_default();
+        let pass_unmapped = problems.bool("passUnmappedFields").unwrap_or(false);
         let mut targets = HashSet::new();
-        for (i, m) in raw.column_fields_mapping.iter().enumerate() {
+        for (i, m) in mapping.iter().enumerate() {
             if m.from.trim().is_empty() {
                 problems.push(format!(
                     "`columnFieldsMapping[{i}].from` must name a payload key"
@@ -177,7 +157,7 @@ impl Settings {
                 ));
             }
         }
-        if !raw.pass_unmapped_fields && !targets.contains(lookup_field.as_str()) {
+        if !pass_unmapped && !targets.contains(lookup_field.as_str()) {
             problems.push(format!(
                 "no `columnFieldsMapping` entry produces the deDuplicationField `{lookup_field}` and \
                  `passUnmappedFields` is false, so every job would be aborted: map a payload key to \
@@ -185,8 +165,8 @@ impl Settings {
             ));
         }
 
-        let list_id = match raw.list_id {
-            None | Some(Value::Null) => None,
+        let list_id = match problems.raw("listId").cloned() {
+            None => None,
             Some(Value::Number(n)) if n.as_u64().is_some() => Some(n.to_string()),
             Some(Value::String(s))
                 if !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_digit()) =>
@@ -200,7 +180,8 @@ impl Settings {
                 None
             }
         };
-        let partition_name = match raw.partition_name.as_deref().map(str::trim) {
+        let partition_name = problems.string("partitionName");
+        let partition_name = match partition_name.as_deref().map(str::trim) {
             None => None,
             Some("") => {
                 problems.push("`partitionName` must not be empty when given (leave it out for the default partition)");
@@ -209,66 +190,45 @@ impl Settings {
             Some(p) => Some(p.to_string()),
         };
 
-        let base_url = resolve_base_url(raw.base_url.as_deref(), &munchkin_id, &mut problems);
+        let raw_base_url = problems.string("baseUrl");
+        let base_url = resolve_base_url(raw_base_url.as_deref(), &munchkin_id, &mut problems);
 
-        let connect_timeout = duration_key(
-            "connectTimeout",
-            raw.connect_timeout.as_ref(),
-            DEFAULT_CONNECT_TIMEOUT,
-            &mut problems,
-        );
-        let request_timeout = duration_key(
-            "requestTimeout",
-            raw.request_timeout.as_ref(),
-            DEFAULT_REQUEST_TIMEOUT,
-            &mut problems,
-        );
+        let connect_timeout = problems
+            .timeout("connectTimeout")
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let request_timeout = problems
+            .timeout("requestTimeout")
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
+        let upload_time_budget = problems
+            .timeout("uploadTimeBudget")
+            .unwrap_or(DEFAULT_UPLOAD_TIME_BUDGET);
 
-        let upload_time_budget = duration_key(
-            "uploadTimeBudget",
-            raw.upload_time_budget.as_ref(),
-            DEFAULT_UPLOAD_TIME_BUDGET,
-            &mut problems,
-        );
-
-        let max_file_bytes = match raw.max_file_size.as_ref() {
-            None | Some(Value::Null) => DEFAULT_MAX_FILE_BYTES,
-            Some(v) => {
-                let parsed = match v {
-                    Value::Number(n) => n
-                        .as_u64()
-                        .ok_or_else(|| format!("{n} is not a whole number of bytes")),
-                    Value::String(s) => parse_bytes(s),
-                    other => Err(format!("{other} is not a byte size (e.g. 9MB or 9000000)")),
-                };
-                match parsed {
-                    Ok(b) if (MIN_MAX_FILE_BYTES..MARKETO_MAX_FILE_BYTES).contains(&b) => b,
-                    Ok(b) => {
-                        problems.push(format!(
-                            "`maxFileSize` = {b} bytes must be at least {MIN_MAX_FILE_BYTES} and below \
-                             Marketo's limit of {MARKETO_MAX_FILE_BYTES} bytes"
-                        ));
-                        DEFAULT_MAX_FILE_BYTES
-                    }
-                    Err(e) => {
-                        problems.push(format!("`maxFileSize`: {e}"));
-                        DEFAULT_MAX_FILE_BYTES
-                    }
-                }
+        let max_file_bytes = match problems.bytes("maxFileSize", 0, u64::MAX) {
+            None => DEFAULT_MAX_FILE_BYTES,
+            Some(b) if (MIN_MAX_FILE_BYTES..MARKETO_MAX_FILE_BYTES).contains(&b) => b,
+            Some(b) => {
+                problems.push(format!(
+                    "`maxFileSize` = {b} bytes must be at least {MIN_MAX_FILE_BYTES} and below \
+                     Marketo's limit of {MARKETO_MAX_FILE_BYTES} bytes"
+                ));
+                DEFAULT_MAX_FILE_BYTES
             }
         };
 
-        problems.into_result()?;
+        problems.finish()?;
+        let Some(base_url) = base_url else {
+            return Err(ConfigProblems::one("`baseUrl` could not be resolved"));
+        };
         Ok(Settings {
             munchkin_id,
             client_id,
-            client_secret: raw.client_secret,
+            client_secret,
             lookup_field,
-            mapping: raw.column_fields_mapping,
-            pass_unmapped: raw.pass_unmapped_fields,
+            mapping,
+            pass_unmapped,
             list_id,
             partition_name,
-            base_url: base_url.expect("a base URL exists when no problem was found"),
+            base_url,
             connect_timeout,
             request_timeout,
             max_file_bytes,
@@ -288,7 +248,7 @@ impl Settings {
 fn resolve_base_url(
     raw: Option<&str>,
     munchkin_id: &str,
-    problems: &mut ConfigProblems,
+    problems: &mut ConfigReader,
 ) -> Option<Url> {
     let text = match raw.map(str::trim) {
         Some(s) if !s.is_empty() => s.to_string(),
@@ -330,34 +290,6 @@ fn resolve_base_url(
         ok = false;
     }
     ok.then_some(url)
-}
-
-fn duration_key(
-    key: &str,
-    value: Option<&Value>,
-    default: Duration,
-    problems: &mut ConfigProblems,
-) -> Duration {
-    let parsed = match value {
-        None | Some(Value::Null) => return default,
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{n} is not a whole number of seconds")),
-        Some(Value::String(s)) => parse_duration(s, Duration::from_secs(1)),
-        Some(other) => Err(format!("{other} is not a duration (e.g. 30s, 2m)")),
-    };
-    match parsed {
-        Ok(d) if !d.is_zero() && d <= MAX_TIMEOUT => d,
-        Ok(d) => {
-            problems.push(format!("`{key}` = {d:?} must be above zero and at most 1h"));
-            default
-        }
-        Err(e) => {
-            problems.push(format!("`{key}`: {e}"));
-            default
-        }
-    }
 }
 
 #[cfg(test)]
@@ -428,9 +360,9 @@ mod tests {
             "baseUrl": "ftp://example.com"
         });
         let err = Settings::from_config(&c).unwrap_err();
-        // Unknown keys come first and alone: fix them, then the rest shows.
-        assert_eq!(err.0.len(), 1, "{err:?}");
+        // Unknown keys are listed with the rest, in one pass.
         assert!(err.0[0].contains("did you mean `clientSecret`"), "{err:?}");
+        assert_eq!(err.0.len(), 12, "{err:?}");
 
         let mut c = c;
         c.as_object_mut().unwrap().remove("clientSecert");
@@ -446,7 +378,7 @@ mod tests {
             "`listId`",
             "`requestTimeout`",
             "`maxFileSize` = 20000000 bytes",
-            "`uploadTimeBudget` = 0ns must be above zero",
+            "`uploadTimeBudget` must be longer than zero",
             "`baseUrl` must use https",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");

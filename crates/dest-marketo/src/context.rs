@@ -119,6 +119,10 @@ impl ImportContext {
     }
 
     /// The JSON the router persists.
+    #[allow(
+        clippy::expect_used,
+        reason = "derived Serialize over numbers, strings and string-keyed data cannot fail"
+    )]
     pub fn to_value(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("an import context always serialises")
     }

@@ -18,6 +18,7 @@ pub mod classify;
 pub mod client;
 pub mod config;
 pub mod context;
+pub mod destination;
 pub mod layout;
 pub mod poll;
 pub mod stats;
@@ -34,8 +35,9 @@ use batchrouter_core::{
 
 pub use config::{Settings, CONFIG_KEYS};
 pub use context::ImportContext;
+pub use destination::MarketoDestination;
 
-/// The type name the router's factory registers this destination under.
+/// The type name users write and the registry lists this destination under.
 pub const DESTINATION_TYPE: &str = "MARKETO_BULK_UPLOAD";
 
 /// Validates the config (every problem at once) and builds the manager.
@@ -44,8 +46,9 @@ pub fn build(
     ctx: &DestinationContext,
     config: &serde_json::Value,
 ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    let settings = Settings::from_config(config)?;
-    Ok(Arc::new(MarketoManager::new(ctx, settings)?))
+    use batchrouter_core::Destination;
+    let settings = MarketoDestination.validate(config)?;
+    MarketoDestination.build(&settings, ctx)
 }
 
 /// The largest staged batch reported to the router: half of what ten full
@@ -95,7 +98,7 @@ impl AsyncDestinationManager for MarketoManager {
     fn transform(&self, job: &Job) -> Result<String, TransformError> {
         let line = self.transformer.transform(&job.payload);
         if let Err(e) = &line {
-            tracing::debug!(destination = %self.destination_id, job = job.id, reason = %e, "lead cannot be sent to Marketo");
+            tracing::debug!(destination_id = %self.destination_id, job = job.id, reason = %e, "lead cannot be sent to Marketo");
         }
         line
     }

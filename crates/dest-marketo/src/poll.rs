@@ -17,7 +17,7 @@ pub async fn poll_import(
         Ok(c) => c,
         Err(reason) => {
             // Polling again cannot repair a context; sending the jobs again can.
-            tracing::error!(destination = %handle.destination_id, import = handle.id, %reason, "cannot poll a Marketo import");
+            tracing::error!(destination_id = %handle.destination_id, import_id = handle.id, %reason, "cannot poll a Marketo import");
             return Ok(PollStatus::Failed {
                 retryable: true,
                 error: JobError::new(ErrorCode::Internal, reason),
@@ -27,13 +27,13 @@ pub async fn poll_import(
     let status = match client.batch_status(ctx.batch_id).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id, error = %e, "Marketo poll did not work; polling again later");
+            tracing::debug!(destination_id = %handle.destination_id, import_id = handle.id, batch_id = ctx.batch_id, error = %e, "Marketo poll did not work; polling again later");
             return Err(e);
         }
     };
     let mapped = map_status(&ctx, &status)?;
-    tracing::info!(
-        destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id,
+    tracing::debug!(
+        destination_id = %handle.destination_id, import_id = handle.id, batch_id = ctx.batch_id,
         status = %status.status, processed = status.num_of_leads_processed, total = ctx.rows,
         failed = status.num_of_rows_failed, warnings = status.num_of_rows_with_warning,
         "polled Marketo import"

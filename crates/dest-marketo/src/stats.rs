@@ -32,7 +32,7 @@ pub async fn upload_stats(
         Err(reason) => {
             // Without the key map no row can be matched: send the jobs again
             // rather than calling failed rows succeeded.
-            tracing::error!(destination = %handle.destination_id, import = handle.id, %reason, "cannot read Marketo results");
+            tracing::error!(destination_id = %handle.destination_id, import_id = handle.id, %reason, "cannot read Marketo results");
             let outcome = Outcome::Failed(JobError::new(ErrorCode::Internal, reason));
             return Ok(UploadStats {
                 outcomes: handle
@@ -77,7 +77,7 @@ pub async fn upload_stats(
     };
     if failures.len() as u64 != failed || warnings.len() as u64 != warned {
         tracing::warn!(
-            destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id,
+            destination_id = %handle.destination_id, import_id = handle.id, batch_id = ctx.batch_id,
             failed, failure_rows = failures.len(), warned, warning_rows = warnings.len(),
             "Marketo's result files do not hold as many rows as its counts say"
         );
@@ -86,12 +86,12 @@ pub async fn upload_stats(
     let stats = match_rows(&ctx, &handle.job_ids, &failures, &warnings);
     if stats.unmatched > 0 {
         tracing::warn!(
-            destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id,
+            destination_id = %handle.destination_id, import_id = handle.id, batch_id = ctx.batch_id,
             unmatched = stats.unmatched, "Marketo result rows matched no job of the import"
         );
     }
-    tracing::info!(
-        destination = %handle.destination_id, import = handle.id, batch_id = ctx.batch_id,
+    tracing::debug!(
+        destination_id = %handle.destination_id, import_id = handle.id, batch_id = ctx.batch_id,
         failed, warned, outcomes = stats.outcomes.len(), unmatched = stats.unmatched,
         "fetched Marketo import results"
     );

@@ -105,11 +105,11 @@ async fn upload_batch_with(
     let plan = match tokio::task::spawn_blocking(move || plan_import_files(&b, &s)).await {
         Ok(Ok(plan)) => plan,
         Ok(Err(e)) => {
-            tracing::error!(destination = %batch.destination_id, batch = %batch.batch_id, error = %e, "cannot prepare Marketo import files");
+            tracing::error!(destination_id = %batch.destination_id, batch_id = %batch.batch_id, error = %e, "cannot prepare Marketo import files");
             return internal_failure(batch, e.to_string());
         }
         Err(e) => {
-            tracing::error!(destination = %batch.destination_id, batch = %batch.batch_id, error = %e, "preparing Marketo import files panicked");
+            tracing::error!(destination_id = %batch.destination_id, batch_id = %batch.batch_id, error = %e, "preparing Marketo import files panicked");
             return internal_failure(batch, format!("preparing import files failed: {e}"));
         }
     };
@@ -123,11 +123,12 @@ async fn upload_batch_with(
     let mut refused_files = 0usize;
     for (i, file) in plan.files.into_iter().enumerate() {
         let part = i + 1;
+        // `done` keeps every file alive (and deletes it) until the upload ends.
+        let path = file.path.to_path_buf();
         done.push(file.path);
-        let path = done.last().expect("just pushed");
         if stop.is_none() && Instant::now() >= deadline {
             tracing::warn!(
-                destination = %batch.destination_id, batch = %batch.batch_id, part, parts,
+                destination_id = %batch.destination_id, batch_id = %batch.batch_id, part, parts,
                 budget_s = budget.as_secs(), "Marketo upload used its time budget; later files wait"
             );
             stop = Some(Stop::Budget(budget));
@@ -140,7 +141,7 @@ async fn upload_batch_with(
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let result =
-            match tokio::time::timeout(remaining, client.create_import(path, file.bytes)).await {
+            match tokio::time::timeout(remaining, client.create_import(&path, file.bytes)).await {
                 Ok(r) => r,
                 Err(_) => Err(RequestError::from(DestinationError::retryable(format!(
                     "Marketo did not answer within the upload's time budget (uploadTimeBudget = \
@@ -150,7 +151,7 @@ async fn upload_batch_with(
             };
         match result {
             Ok(created) => {
-                tracing::debug!(destination = %batch.destination_id, batch_id = created.batch_id, part, rows = file.job_ids.len(), bytes = file.bytes, "created a Marketo import");
+                tracing::debug!(destination_id = %batch.destination_id, batch_id = created.batch_id, part, rows = file.job_ids.len(), bytes = file.bytes, "created a Marketo import");
                 let context = ImportContext {
                     version: CONTEXT_VERSION,
                     batch_id: created.batch_id,
@@ -181,7 +182,7 @@ async fn upload_batch_with(
                     DestinationError::Permanent { .. } if !account_wide => {
                         refused_files += 1;
                         tracing::warn!(
-                            destination = %batch.destination_id, batch = %batch.batch_id, part, parts,
+                            destination_id = %batch.destination_id, batch_id = %batch.batch_id, part, parts,
                             jobs = file.job_ids.len(), error = %error,
                             "Marketo refused one import file; its jobs are aborted and the next file is sent"
                         );
@@ -198,7 +199,7 @@ async fn upload_batch_with(
                 }
                 if stop.is_some() {
                     tracing::warn!(
-                        destination = %batch.destination_id, batch = %batch.batch_id, part, parts,
+                        destination_id = %batch.destination_id, batch_id = %batch.batch_id, part, parts,
                         error = %error, retry_after_s = error.retry_after().map(|d| d.as_secs()),
                         "Marketo upload stopped by an error; the later files are not sent"
                     );
@@ -209,8 +210,8 @@ async fn upload_batch_with(
     // Deleting files is blocking I/O: keep it off the runtime's workers.
     let _ = tokio::task::spawn_blocking(move || drop(done)).await;
     let importing: usize = out.imports.iter().map(|i| i.job_ids.len()).sum();
-    tracing::info!(
-        destination = %batch.destination_id, batch = %batch.batch_id, jobs = batch.job_ids.len(),
+    tracing::debug!(
+        destination_id = %batch.destination_id, batch_id = %batch.batch_id, jobs = batch.job_ids.len(),
         files = parts, imports = out.imports.len(), importing, decided = out.outcomes.len(),
         refused_files, stopped = stop.is_some(),
         elapsed_ms = started.elapsed().as_millis() as u64, "uploaded batch to Marketo"

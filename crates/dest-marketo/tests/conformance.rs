@@ -2,6 +2,12 @@
 //! (`batchrouter_testkit::conformance`), with the Marketo stand-in failing
 //! rows per record in the import results and throttling with code 606.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 
 use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};

@@ -5,6 +5,12 @@
 //! throttle pause with its hint, or an abort with a reason; no job id is
 //! lost, and a failed row is never reported `succeeded`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::time::{Duration, Instant};

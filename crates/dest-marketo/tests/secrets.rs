@@ -4,6 +4,12 @@
 //! `log` crate too (reqwest), while the manager goes through uploads, token
 //! expiry, throttled polls, stats and refused credentials.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use batchrouter_testkit::logs::LogCapture;

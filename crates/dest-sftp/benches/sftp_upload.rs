@@ -7,6 +7,12 @@
 //! destination); `sftp` pays its connection set-up every time (a few ms out
 //! of the ~seconds measured). A CSV run is reported for reference.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::io::{BufWriter, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;

@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use batchrouter_core::lookup::parse_duration;
-use batchrouter_core::{parse_destination_config, ConfigProblems, Secret};
-use serde::Deserialize;
+use batchrouter_core::{ConfigProblems, ConfigReader, Secret};
 use serde_json::Value;
 
 use crate::hostkey::Fingerprint;
@@ -40,48 +38,53 @@ pub const DEFAULT_PORT: u16 = 22;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on every single SSH/SFTP exchange when `ioTimeout` is absent.
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest accepted timeout, so a typo cannot park an upload for days.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// The config table as written; loosely typed so that validation can list
-/// every problem instead of stopping at the first type error.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// The config table as read: every key through the shared reader, so each
+/// type problem is recorded (named by its key) and checking goes on.
 struct RawConfig {
-    #[serde(default)]
     host: Option<String>,
-    #[serde(default)]
-    port: Option<Value>,
-    #[serde(default)]
+    port: u16,
     username: Option<String>,
-    #[serde(default)]
     auth_method: Option<String>,
-    #[serde(default)]
     private_key: Option<Secret>,
-    #[serde(default)]
     private_key_path: Option<String>,
-    #[serde(default)]
     private_key_passphrase: Option<Secret>,
-    #[serde(default)]
     password: Option<Secret>,
-    #[serde(default)]
     file_format: Option<String>,
-    #[serde(default)]
     file_path: Option<String>,
-    #[serde(default)]
-    sort_column_names: Option<Value>,
-    #[serde(default)]
+    sort_column_names: bool,
     column_order: Option<Vec<String>>,
-    #[serde(default)]
     known_hosts: Option<String>,
-    #[serde(default)]
     host_key_fingerprint: Option<String>,
-    #[serde(default)]
-    insecure_skip_host_key_check: Option<Value>,
-    #[serde(default)]
-    connect_timeout: Option<Value>,
-    #[serde(default)]
-    io_timeout: Option<Value>,
+    insecure_skip_host_key_check: bool,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+impl RawConfig {
+    fn read(r: &mut ConfigReader) -> RawConfig {
+        RawConfig {
+            host: r.string("host"),
+            port: r.count("port", 1, 65535).map_or(DEFAULT_PORT, |p| p as u16),
+            username: r.string("username"),
+            auth_method: r.string("authMethod"),
+            private_key: r.secret("privateKey"),
+            private_key_path: r.string("privateKeyPath"),
+            private_key_passphrase: r.secret("privateKeyPassphrase"),
+            password: r.secret("password"),
+            file_format: r.string("fileFormat"),
+            file_path: r.string("filePath"),
+            sort_column_names: r.bool("sortColumnNames").unwrap_or(false),
+            column_order: r.value("columnOrder"),
+            known_hosts: r.string("knownHosts"),
+            host_key_fingerprint: r.string("hostKeyFingerprint"),
+            insecure_skip_host_key_check: r.bool("insecureSkipHostKeyCheck").unwrap_or(false),
+            connect_timeout: r
+                .timeout("connectTimeout")
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            io_timeout: r.timeout("ioTimeout").unwrap_or(DEFAULT_IO_TIMEOUT),
+        }
+    }
 }
 
 /// Validated settings of one SFTP destination.
@@ -170,16 +173,19 @@ pub enum HostKeyPolicy {
 impl Settings {
     /// Parses and validates a config table, listing every problem found.
     pub fn from_config(config: &Value) -> Result<Settings, ConfigProblems> {
-        let raw: RawConfig = parse_destination_config(config, CONFIG_KEYS)?;
-        let mut problems = ConfigProblems(Vec::new());
-        let auth = auth(&raw, &mut problems);
+        // The shared reader reports unknown keys (with did-you-mean) and
+        // every per-key problem, so all are listed at once.
+        let mut reader = ConfigReader::new(config, CONFIG_KEYS);
+        let raw = RawConfig::read(&mut reader);
+        let problems = reader.problems_mut();
+        let auth = auth(&raw, problems);
 
         let host = non_empty(raw.host);
         match &host {
             None => problems.push("`host` is required"),
-            Some(h) => check_host(h, &mut problems),
+            Some(h) => check_host(h, problems),
         }
-        let port = port(raw.port.as_ref(), &mut problems);
+        let port = raw.port;
         let username = non_empty(raw.username);
         if username.is_none() {
             problems.push("`username` is required");
@@ -219,38 +225,18 @@ impl Settings {
         };
 
         let column_order = raw.column_order.unwrap_or_default();
-        check_column_order(&column_order, &mut problems);
-        let sort_column_names = flag(
-            "sortColumnNames",
-            raw.sort_column_names.as_ref(),
-            &mut problems,
-        );
-        let insecure = flag(
-            "insecureSkipHostKeyCheck",
-            raw.insecure_skip_host_key_check.as_ref(),
-            &mut problems,
-        );
+        check_column_order(&column_order, problems);
+        let sort_column_names = raw.sort_column_names;
         let host_key = host_key_policy(
             non_empty(raw.known_hosts),
             non_empty(raw.host_key_fingerprint),
-            insecure,
-            &mut problems,
+            raw.insecure_skip_host_key_check,
+            problems,
         );
 
-        let connect_timeout = timeout(
-            "connectTimeout",
-            raw.connect_timeout.as_ref(),
-            DEFAULT_CONNECT_TIMEOUT,
-            &mut problems,
-        );
-        let io_timeout = timeout(
-            "ioTimeout",
-            raw.io_timeout.as_ref(),
-            DEFAULT_IO_TIMEOUT,
-            &mut problems,
-        );
+        let (connect_timeout, io_timeout) = (raw.connect_timeout, raw.io_timeout);
 
-        problems.into_result()?;
+        reader.finish()?;
         // Every `None` above pushed a problem, so these are all present here.
         match (host, username, auth, format, path, host_key) {
             (Some(host), Some(username), Some(auth), Some(format), Some(path), Some(host_key)) => {
@@ -286,10 +272,6 @@ fn non_empty(v: Option<String>) -> Option<String> {
     v.map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-fn non_empty_secret(v: Option<Secret>) -> Option<Secret> {
-    v.filter(|s| !s.expose().trim().is_empty())
-}
-
 fn check_host(host: &str, problems: &mut ConfigProblems) {
     if host.contains("://") {
         problems.push(format!(
@@ -309,81 +291,6 @@ fn check_host(host: &str, problems: &mut ConfigProblems) {
     }
 }
 
-fn port(v: Option<&Value>, problems: &mut ConfigProblems) -> u16 {
-    let n = match v {
-        None | Some(Value::Null) => return DEFAULT_PORT,
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) if s.trim().is_empty() => return DEFAULT_PORT,
-        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
-        Some(_) => None,
-    };
-    match n {
-        Some(p @ 1..=65535) => p as u16,
-        _ => {
-            problems.push(format!(
-                "`port` must be a number from 1 to 65535, not {}",
-                v.map(Value::to_string).unwrap_or_default()
-            ));
-            DEFAULT_PORT
-        }
-    }
-}
-
-fn flag(key: &str, v: Option<&Value>, problems: &mut ConfigProblems) -> bool {
-    match v {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
-            "true" => true,
-            "false" | "" => false,
-            _ => {
-                problems.push(format!("`{key}` must be true or false, not `{s}`"));
-                false
-            }
-        },
-        Some(other) => {
-            problems.push(format!("`{key}` must be true or false, not {other}"));
-            false
-        }
-    }
-}
-
-fn timeout(
-    key: &str,
-    v: Option<&Value>,
-    default: Duration,
-    problems: &mut ConfigProblems,
-) -> Duration {
-    let parsed = match v {
-        None | Some(Value::Null) => return default,
-        Some(Value::Number(n)) => match n.as_f64() {
-            Some(secs) if secs.is_finite() && secs >= 0.0 && secs <= MAX_TIMEOUT.as_secs_f64() => {
-                Ok(Duration::from_secs_f64(secs))
-            }
-            _ => Err(format!("`{n}` is not a number of seconds")),
-        },
-        Some(Value::String(s)) => parse_duration(s, Duration::from_secs(1)),
-        Some(other) => Err(format!("{other} is not a duration")),
-    };
-    match parsed {
-        Ok(d) if d < Duration::from_millis(100) => {
-            problems.push(format!("`{key}` must be at least 100ms"));
-            default
-        }
-        Ok(d) if d > MAX_TIMEOUT => {
-            problems.push(format!("`{key}` must be at most 1h"));
-            default
-        }
-        Ok(d) => d,
-        Err(e) => {
-            problems.push(format!(
-                "`{key}`: {e} (e.g. \"10s\", \"500ms\" or a number of seconds)"
-            ));
-            default
-        }
-    }
-}
-
 fn check_column_order(columns: &[String], problems: &mut ConfigProblems) {
     let mut seen = std::collections::HashSet::new();
     for c in columns {
@@ -396,14 +303,14 @@ fn check_column_order(columns: &[String], problems: &mut ConfigProblems) {
 }
 
 fn auth(raw: &RawConfig, problems: &mut ConfigProblems) -> Option<Auth> {
-    let key = non_empty_secret(raw.private_key.clone());
+    let key = raw.private_key.clone();
     let key_path = raw
         .private_key_path
         .clone()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty());
-    let passphrase = non_empty_secret(raw.private_key_passphrase.clone());
-    let password = non_empty_secret(raw.password.clone());
+    let passphrase = raw.private_key_passphrase.clone();
+    let password = raw.password.clone();
 
     match raw.auth_method.as_deref().map(str::trim) {
         None | Some("") => {
@@ -585,7 +492,7 @@ mod tests {
         let all = err.join("\n");
         for needle in [
             "`host` must be a name or address, not a URL",
-            "`port` must be a number from 1 to 65535",
+            "`port` = 70000 is more than the 65535 allowed",
             "`username` is required",
             "did you mean `keyAuth`",
             "`fileFormat` = `xml` is not supported",
@@ -593,7 +500,7 @@ mod tests {
             "did you mean `{YYYY}`",
             "unclosed `{`",
             "`connectTimeout`",
-            "`ioTimeout` must be at least 100ms",
+            "`ioTimeout` = 10ms is shorter than the 100ms allowed",
             "`sortColumnNames` must be true or false",
             "`columnOrder` names `a` twice",
             "host key must be verified",

@@ -35,6 +35,7 @@
 
 mod client;
 pub mod config;
+pub mod destination;
 pub mod error;
 pub mod hostkey;
 mod key;
@@ -49,15 +50,14 @@ pub mod upload;
 
 use std::sync::Arc;
 
-use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, SimpleAsyncDestinationManager,
-};
+use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};
 
 pub use config::{Auth, FileFormat, HostKeyPolicy, KeySource, Settings};
+pub use destination::SftpDestination;
 pub use error::SftpError;
 pub use upload::SftpUploader;
 
-/// The destination type name the router's factory matches on.
+/// The destination type name users write and the registry lists.
 pub const DESTINATION_TYPE: &str = "SFTP";
 
 /// Every key accepted under `[destinations.config]`, for did-you-mean hints.
@@ -69,6 +69,7 @@ pub fn build(
     ctx: &DestinationContext,
     config: &serde_json::Value,
 ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    let uploader = SftpUploader::from_config(ctx, config)?;
-    Ok(Arc::new(SimpleAsyncDestinationManager::new(uploader)))
+    use batchrouter_core::Destination;
+    let settings = SftpDestination.validate(config)?;
+    SftpDestination.build(&settings, ctx)
 }

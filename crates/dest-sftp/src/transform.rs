@@ -234,7 +234,7 @@ pub(crate) fn minify_into(out: &mut String, json: &str) {
 fn short(s: &str) -> String {
     let mut m = String::new();
     minify_into(&mut m, s);
-    batchrouter_core::classify::excerpt(&m, 40)
+    batchrouter_core::render::excerpt(&m, 40)
 }
 
 #[cfg(test)]

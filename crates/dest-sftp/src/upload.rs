@@ -81,7 +81,7 @@ impl SftpUploader {
     pub fn new(ctx: &DestinationContext, settings: Settings) -> SftpUploader {
         if matches!(settings.host_key, HostKeyPolicy::Insecure) {
             tracing::warn!(
-                destination = %ctx.id,
+                destination_id = %ctx.id,
                 address = %settings.address(),
                 "insecureSkipHostKeyCheck = true: the SFTP server's identity is NOT verified, so anyone who can \
                  intercept the connection receives the credentials and the data; set knownHosts or hostKeyFingerprint"
@@ -170,8 +170,8 @@ impl Uploader for SftpUploader {
         match result {
             Ok(Ok(done)) => {
                 let secs = elapsed.as_secs_f64().max(1e-9);
-                tracing::info!(
-                    destination = %s.destination_id,
+                tracing::debug!(
+                    destination_id = %s.destination_id,
                     batch_id = %batch.batch_id,
                     attempt = batch.attempt,
                     jobs = batch.job_ids.len(),
@@ -197,7 +197,7 @@ impl Uploader for SftpUploader {
             Ok(Err(e)) => {
                 if e.is_permanent() {
                     tracing::error!(
-                        destination = %s.destination_id,
+                        destination_id = %s.destination_id,
                         batch_id = %batch.batch_id,
                         jobs = batch.job_ids.len(),
                         error = %e,
@@ -206,7 +206,7 @@ impl Uploader for SftpUploader {
                     );
                 } else {
                     tracing::warn!(
-                        destination = %s.destination_id,
+                        destination_id = %s.destination_id,
                         batch_id = %batch.batch_id,
                         attempt = batch.attempt,
                         jobs = batch.job_ids.len(),
@@ -239,7 +239,7 @@ impl Uploader for SftpUploader {
                 }
             }
             Err(join) => {
-                tracing::error!(destination = %s.destination_id, batch_id = %batch.batch_id, error = %join, "SFTP upload task panicked");
+                tracing::error!(destination_id = %s.destination_id, batch_id = %batch.batch_id, error = %join, "SFTP upload task panicked");
                 let outcome = Outcome::Failed(JobError::new(
                     ErrorCode::Internal,
                     format!("SFTP upload task failed: {join}"),
@@ -341,7 +341,7 @@ impl Shared {
                         if !removed {
                             self.remember_stray(&mut slot.strays, &part);
                             tracing::debug!(
-                                destination = %self.destination_id,
+                                destination_id = %self.destination_id,
                                 path = %part,
                                 remembered = slot.strays.len(),
                                 "the failed upload may have left its .part file; it is removed after the next successful connect"
@@ -352,7 +352,7 @@ impl Shared {
                     conn.discard();
                     if reused && e.is_transport() && !retried && !cancel.load(Ordering::Relaxed) {
                         tracing::warn!(
-                            destination = %self.destination_id,
+                            destination_id = %self.destination_id,
                             session_age_s,
                             error = %e,
                             "the kept SFTP session no longer works; reconnecting once"
@@ -370,7 +370,7 @@ impl Shared {
     fn remember_stray(&self, strays: &mut StrayParts, path: &str) {
         if let Some(dropped) = strays.remember(path) {
             tracing::warn!(
-                destination = %self.destination_id,
+                destination_id = %self.destination_id,
                 path = %dropped,
                 "too many .part files of failed uploads to remember; this one will not be removed automatically"
             );
@@ -407,14 +407,14 @@ impl Shared {
                     break;
                 }
                 Err(e) if e.is_permanent() => tracing::warn!(
-                    destination = %self.destination_id,
+                    destination_id = %self.destination_id,
                     path = %path,
                     error = %e,
                     "cannot remove the .part file a failed upload left; remove it by hand"
                 ),
                 Err(e) => {
                     tracing::debug!(
-                        destination = %self.destination_id,
+                        destination_id = %self.destination_id,
                         path = %path,
                         error = %e,
                         "cannot remove the .part file a failed upload left yet; trying again after the next connect"
@@ -428,7 +428,7 @@ impl Shared {
         }
         if !removed.is_empty() {
             tracing::info!(
-                destination = %self.destination_id,
+                destination_id = %self.destination_id,
                 count = removed.len(),
                 paths = %removed.join(", "),
                 "removed .part files left by earlier failed uploads"
@@ -443,7 +443,7 @@ impl Shared {
             Ok(c) => {
                 self.sessions_opened.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
-                    destination = %self.destination_id,
+                    destination_id = %self.destination_id,
                     address = %self.settings.address(),
                     user = %self.settings.username,
                     cipher = %c.cipher,
@@ -563,7 +563,7 @@ impl Shared {
             match conn.posix_rename(part, remote)? {
                 PosixRename::Done => return Ok(()),
                 PosixRename::Unsupported => tracing::debug!(
-                    destination = %self.destination_id,
+                    destination_id = %self.destination_id,
                     "server lacks posix-rename@openssh.com; replacing the target in two steps"
                 ),
             }

@@ -4,6 +4,12 @@
 //! neither throttles nor rejects single records, and decides every job at
 //! upload; the test pins those checks as not applicable.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

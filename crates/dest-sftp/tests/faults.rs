@@ -5,6 +5,12 @@
 //! without sshd these tests skip loudly, or fail when
 //! BATCHROUTER_REQUIRE_REAL_SERVERS=1.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::Write;

@@ -1,6 +1,12 @@
 //! A 200 MB batch streams through with flat memory. Alone in its own test
 //! binary so the process's peak RSS measures this upload only.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};

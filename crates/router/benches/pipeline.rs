@@ -6,6 +6,12 @@
 //! (defaults: 100000 jobs, maxConcurrentImports 2). Run it once per N in a
 //! fresh process: peak RSS is a process-wide high-water mark.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -123,15 +129,16 @@ async fn run(n: usize, concurrency: u32) {
     .await;
     let enqueue = fill(&store, "bench", n).await;
     let metrics = Metrics::new();
-    let manager = batchrouter_router::factory::build_manager(
-        &DestinationContext {
-            id: "bench".into(),
-            destination_type: "HTTP".into(),
-            telemetry: Arc::new(NoopTelemetry),
-        },
-        &serde_json::json!({"url": standin.url(), "maxBatchSize": 10_000}),
-    )
-    .unwrap();
+    let manager = batchrouter_destinations::REGISTRY
+        .build(
+            &DestinationContext {
+                id: "bench".into(),
+                destination_type: "HTTP".into(),
+                telemetry: Arc::new(NoopTelemetry),
+            },
+            &serde_json::json!({"url": standin.url(), "maxBatchSize": 10_000}),
+        )
+        .unwrap();
     let settings = RouterSettings {
         upload_freq: Duration::from_millis(200),
         min_idle_sleep: Duration::from_millis(50),

@@ -14,6 +14,12 @@
 //! set, else a throwaway local cluster (fsync off: the figures are the
 //! engine's and the statements', not the disk's).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchrouter_core::store::{JobTransition, Transition};
-use batchrouter_core::{ErrorCode, JobId, Timestamp};
+use batchrouter_core::store::{JobTransition, Tally, Transition};
+use batchrouter_core::{ErrorCode, Timestamp};
 
 use crate::metrics::Metrics;
 
@@ -42,6 +42,81 @@ impl DestinationEvents {
     /// The shared metric families.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// A span around one manager call (`op`: `transform`, `upload`), so the
+    /// destination's own log lines carry the router's field names.
+    pub fn span(&self, op: &'static str) -> tracing::Span {
+        tracing::info_span!("manager", op, destination_id = %self.id, destination_type = %self.kind)
+    }
+
+    /// A span around one manager call on an import (`poll`,
+    /// `get_upload_stats`), carrying its `import_id` too.
+    pub fn import_span(&self, op: &'static str, import_id: i64) -> tracing::Span {
+        tracing::info_span!(
+            "manager", op, destination_id = %self.id, destination_type = %self.kind, import_id
+        )
+    }
+}
+
+/// New jobs the API accepted for one destination (duplicates excluded).
+pub struct JobsReceived<'a> {
+    /// Destination id.
+    pub destination_id: &'a str,
+    /// Destination type; empty when no running destination has the id.
+    pub destination_type: &'a str,
+    /// Jobs newly inserted.
+    pub count: u64,
+}
+
+impl JobsReceived<'_> {
+    /// Counts the jobs and logs at debug (per request, never per job at info).
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .jobs_received
+            .with_label_values(&[self.destination_type, self.destination_id])
+            .inc_by(self.count);
+        tracing::debug!(
+            destination_id = self.destination_id,
+            destination_type = self.destination_type,
+            count = self.count,
+            "Jobs received."
+        );
+    }
+}
+
+/// Per-record results of one import that matched no job of it.
+pub struct UnmatchedResults {
+    /// Import id.
+    pub import_id: i64,
+    /// Results the destination returned that matched no job.
+    pub unmatched: u64,
+    /// Stats keyed by job ids that are not in this import.
+    pub unknown: u64,
+}
+
+impl UnmatchedResults {
+    /// Counts both kinds in `unmatched_results_total` and warns once each.
+    pub fn emit(&self, ev: &DestinationEvents) {
+        if self.unknown > 0 {
+            tracing::warn!(
+                destination_id = %ev.id, destination_type = %ev.kind, import_id = self.import_id,
+                count = self.unknown, "Upload stats named jobs that are not in this import; ignored."
+            );
+        }
+        if self.unmatched > 0 {
+            tracing::warn!(
+                destination_id = %ev.id, destination_type = %ev.kind, import_id = self.import_id,
+                count = self.unmatched, "Destination returned per-record results that matched no job."
+            );
+        }
+        let total = self.unmatched + self.unknown;
+        if total > 0 {
+            ev.metrics
+                .unmatched_results
+                .with_label_values(&ev.labels())
+                .inc_by(total);
+        }
     }
 }
 
@@ -84,7 +159,10 @@ pub struct BatchStaged<'a> {
     pub jobs: usize,
     /// Staged bytes.
     pub bytes: u64,
-    /// Why it was cut (`count`, `bytes`, `time`, `shutdown`).
+    /// Why it was cut: `count` (`maxEventsInABatch`), `bytes`
+    /// (`MaxUploadLimit`, or the next job would not fit) or `time`
+    /// (`asyncUploadTimeout`); a shutdown cuts nothing, it releases the
+    /// staged jobs.
     pub cut: &'static str,
 }
 
@@ -160,8 +238,8 @@ pub struct StateChanges<'a> {
     pub stage: &'static str,
     /// The transitions written (rejected ones excluded by the caller).
     pub transitions: &'a [JobTransition],
-    /// Creation time of each job, for latency.
-    pub created_at: &'a BTreeMap<JobId, Timestamp>,
+    /// The jobs changed (their creation times, for latency).
+    pub jobs: &'a crate::decide::JobInfos,
     /// Jobs moved to `importing`.
     pub importing: usize,
     /// Write time.
@@ -172,26 +250,27 @@ impl StateChanges<'_> {
     /// Counts terminal outcomes, retries and error codes; logs one line.
     pub fn emit(&self, ev: &DestinationEvents) {
         let m = &ev.metrics;
-        let (mut ok, mut failed, mut aborted) = (0u64, 0u64, 0u64);
+        let Tally {
+            succeeded: ok,
+            failed,
+            aborted,
+        } = Tally::of(self.transitions);
         let mut codes: BTreeMap<ErrorCode, u64> = BTreeMap::new();
         let latency = m.job_latency.with_label_values(&ev.labels());
         for t in self.transitions {
             match &t.to {
                 Transition::Succeeded { .. } => {
-                    ok += 1;
-                    if let Some(c) = self.created_at.get(&t.job_id) {
-                        latency.observe(self.now.since(*c).as_secs_f64());
+                    if let Some(c) = self.jobs.created_at(t.job_id) {
+                        latency.observe(self.now.since(c).as_secs_f64());
                     }
                 }
                 Transition::Failed { error, .. } => {
-                    failed += 1;
                     *codes.entry(error.code).or_default() += 1;
                 }
                 Transition::Aborted { error } => {
-                    aborted += 1;
                     *codes.entry(error.code).or_default() += 1;
-                    if let Some(c) = self.created_at.get(&t.job_id) {
-                        latency.observe(self.now.since(*c).as_secs_f64());
+                    if let Some(c) = self.jobs.created_at(t.job_id) {
+                        latency.observe(self.now.since(c).as_secs_f64());
                     }
                 }
             }
@@ -288,7 +367,8 @@ impl PollFinished<'_> {
                 "Import in progress."
             ),
             PollResult::Complete => tracing::info!(
-                destination_id = %ev.id, import_id = self.import_id, "Import complete."
+                destination_id = %ev.id, destination_type = %ev.kind, import_id = self.import_id,
+                "Import complete."
             ),
             PollResult::Error => tracing::warn!(
                 destination_id = %ev.id, import_id = self.import_id, error = self.error,
@@ -323,6 +403,41 @@ impl FencedWritesRejected {
         tracing::warn!(
             destination_id = %ev.id, stage = self.stage, count = self.count,
             "Store refused writes for jobs this process no longer holds (lease expired and taken over)."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_and_unmatched_results_count_through_their_events() {
+        let metrics = Metrics::new();
+        let ev = DestinationEvents::new(metrics.clone(), "HTTP", "d");
+        JobsReceived {
+            destination_id: "d",
+            destination_type: "HTTP",
+            count: 3,
+        }
+        .emit(&metrics);
+        UnmatchedResults {
+            import_id: 7,
+            unmatched: 2,
+            unknown: 1,
+        }
+        .emit(&ev);
+        UnmatchedResults {
+            import_id: 8,
+            unmatched: 0,
+            unknown: 0,
+        }
+        .emit(&ev);
+        let labels = ["HTTP", "d"];
+        assert_eq!(metrics.jobs_received.with_label_values(&labels).get(), 3);
+        assert_eq!(
+            metrics.unmatched_results.with_label_values(&labels).get(),
+            3
         );
     }
 }

@@ -13,14 +13,15 @@
 //! ```
 
 pub mod crash;
+pub mod decide;
 pub mod events;
-pub mod factory;
 pub mod metrics;
 pub mod retry;
 pub mod settings;
 pub mod staging;
 pub mod timed_store;
 
+mod pause;
 mod poller;
 mod worker;
 
@@ -53,7 +54,7 @@ pub(crate) struct Destination {
     /// A new import to poll.
     pub(crate) wake_poller: Notify,
     /// The destination asked us to pause (throttling) until then.
-    pub(crate) paused_until: Mutex<Option<Timestamp>>,
+    pub(crate) pause: pause::Pause,
     /// Failed results (stats) fetches in a row per completed import, seen
     /// by this process: past the deadline an import needs
     /// `poller::STATS_FAILURES_PAST_DEADLINE` of them before it is given up.
@@ -272,7 +273,7 @@ impl RouterBuilder {
                 settings,
                 wake_worker: Notify::new(),
                 wake_poller: Notify::new(),
-                paused_until: Mutex::new(None),
+                pause: pause::Pause::default(),
                 stats_failures: Mutex::new(Default::default()),
             });
             tracing::info!(destination_id = %id, destination_type = %kind, "Starting destination worker and poll loop.");

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub fenced_writes_rejected: IntCounterVec,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric names, labels and the prefix are constants and each family is registered once; every test builds `Metrics::new`"
+)]
 fn counter(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntCounterVec {
     let labels: Vec<&str> = DEST.iter().chain(extra).copied().collect();
     let c = IntCounterVec::new(Opts::new(name, help), &labels).expect("valid metric");
@@ -56,6 +60,10 @@ fn counter(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntCounterVe
     c
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric names, labels and the prefix are constants and each family is registered once; every test builds `Metrics::new`"
+)]
 fn gauge(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntGaugeVec {
     let labels: Vec<&str> = DEST.iter().chain(extra).copied().collect();
     let g = IntGaugeVec::new(Opts::new(name, help), &labels).expect("valid metric");
@@ -64,6 +72,10 @@ fn gauge(r: &Registry, name: &str, help: &str, extra: &[&str]) -> IntGaugeVec {
     g
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric names, labels and the prefix are constants and each family is registered once; every test builds `Metrics::new`"
+)]
 fn histogram(
     r: &Registry,
     name: &str,
@@ -80,6 +92,10 @@ fn histogram(
 
 impl Metrics {
     /// Creates and registers every family on a fresh registry.
+    #[allow(
+        clippy::expect_used,
+        reason = "metric names, labels and the prefix are constants and each family is registered once; every test builds `Metrics::new`"
+    )]
     pub fn new() -> Arc<Metrics> {
         let r = Registry::new_custom(Some("batchrouter".into()), None).expect("valid prefix");
         Arc::new(Metrics {

@@ -5,20 +5,20 @@
 //! completed one whose results cannot be read is aborted (`results_unavailable`)
 //! once their fetch has failed `STATS_FAILURES_PAST_DEADLINE` times in a row.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use batchrouter_core::store::{
-    AttemptInfo, ImportFinish, ImportRecord, ImportState, JobTransition, PollUpdate, Transition,
-};
+use tracing::Instrument;
+
+use batchrouter_core::store::{ImportFinish, ImportRecord, ImportState, JobTransition, PollUpdate};
 use batchrouter_core::{
-    DestinationError, ErrorCode, ImportHandle, JobError, JobId, Outcome, PollStatus, Timestamp,
-    UploadStats,
+    DestinationError, ErrorCode, ImportHandle, JobError, PollStatus, Timestamp, UploadStats,
 };
 
-use crate::events::{FencedWritesRejected, PollFinished, PollResult, StateChanges};
-use crate::retry;
+use crate::decide::{self, JobInfos};
+use crate::events::{
+    FencedWritesRejected, PollFinished, PollResult, StateChanges, UnmatchedResults,
+};
 use crate::{Destination, Shared};
 
 /// Imports are claimed one at a time, right before they are polled, for
@@ -107,7 +107,7 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
 async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportRecord) {
     let s = &dest.settings;
     let infos = match shared.store.importing_jobs(imp.id).await {
-        Ok(v) => v,
+        Ok(v) => JobInfos::new(&v),
         Err(e) => {
             tracing::warn!(destination_id = %dest.id, import_id = imp.id, error = %e, "Could not read an import's jobs.");
             return;
@@ -135,7 +135,11 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
         job_ids: infos.iter().map(|j| j.job_id).collect(),
         started_at: imp.started_at,
     };
-    let polled = match tokio::time::timeout(s.upload_timeout, dest.manager.poll(&handle)).await {
+    let poll = dest
+        .manager
+        .poll(&handle)
+        .instrument(dest.events.import_span("poll", imp.id));
+    let polled = match tokio::time::timeout(s.upload_timeout, poll).await {
         Ok(r) => r,
         Err(_) => Err(DestinationError::retryable("poll timed out")),
     };
@@ -173,27 +177,8 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
             .await;
         }
         Ok(PollStatus::Failed { retryable, error }) => {
-            PollFinished {
-                import_id: imp.id,
-                result: PollResult::Failed,
-                progress: None,
-                error: Some(&error.message),
-                poll_errors: imp.poll_errors,
-            }
-            .emit(&dest.events);
-            let transitions = if retryable {
-                retry_all(s, &infos, &error)
-            } else {
-                infos
-                    .iter()
-                    .map(|j| JobTransition {
-                        job_id: j.job_id,
-                        to: Transition::Aborted {
-                            error: error.clone(),
-                        },
-                    })
-                    .collect()
-            };
+            poll_failed(dest, &imp, PollResult::Failed, &error, imp.poll_errors);
+            let transitions = import_failed(s, &infos, &error, retryable);
             finish(
                 dest,
                 shared,
@@ -208,9 +193,11 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
         Ok(PollStatus::Complete { has_failures }) => {
             crate::crash::point("after_poll_complete");
             let stats = if has_failures {
-                match tokio::time::timeout(s.upload_timeout, dest.manager.get_upload_stats(&handle))
-                    .await
-                {
+                let fetch = dest
+                    .manager
+                    .get_upload_stats(&handle)
+                    .instrument(dest.events.import_span("get_upload_stats", imp.id));
+                match tokio::time::timeout(s.upload_timeout, fetch).await {
                     Ok(r) => r,
                     Err(_) => Err(DestinationError::retryable(
                         "fetching upload stats timed out",
@@ -254,29 +241,11 @@ async fn poll_one(dest: &Arc<Destination>, shared: &Arc<Shared>, imp: ImportReco
     }
 }
 
-/// Every job of a failed import back to `failed` (or `aborted` when its
-/// budget is spent), with one jitter so the batch comes due together.
-fn retry_all(
-    s: &crate::RouterSettings,
-    infos: &[AttemptInfo],
-    error: &JobError,
-) -> Vec<JobTransition> {
-    let now = Timestamp::now();
-    let jitter = fastrand::f64();
-    infos
-        .iter()
-        .map(|j| JobTransition {
-            job_id: j.job_id,
-            to: retry::after_failure(s, j, error.clone(), now, None, jitter),
-        })
-        .collect()
-}
-
 async fn deadline_passed(
     dest: &Destination,
     shared: &Shared,
     imp: &ImportRecord,
-    infos: &[AttemptInfo],
+    infos: &JobInfos,
 ) {
     let s = &dest.settings;
     let error = JobError::new(
@@ -287,15 +256,23 @@ async fn deadline_passed(
             crate::settings::fmt_duration(s.import_deadline)
         ),
     );
-    let transitions = retry_all(s, infos, &error);
-    PollFinished {
-        import_id: imp.id,
-        result: PollResult::DeadlineExceeded,
-        progress: None,
-        error: Some(&error.message),
-        poll_errors: imp.poll_errors,
-    }
-    .emit(&dest.events);
+    fail_past_deadline(dest, shared, imp, infos, error, true, imp.poll_errors).await;
+}
+
+/// Ends an import past `asyncImportDeadline` as `failed`: one
+/// `deadline_exceeded` poll line, then its jobs retried with `error` (as
+/// any failure) when `retry`, else aborted with it.
+async fn fail_past_deadline(
+    dest: &Destination,
+    shared: &Shared,
+    imp: &ImportRecord,
+    infos: &JobInfos,
+    error: JobError,
+    retry: bool,
+    poll_errors: u32,
+) {
+    poll_failed(dest, imp, PollResult::DeadlineExceeded, &error, poll_errors);
+    let transitions = import_failed(&dest.settings, infos, &error, retry);
     finish(
         dest,
         shared,
@@ -306,6 +283,42 @@ async fn deadline_passed(
         transitions,
     )
     .await;
+}
+
+/// Logs and counts a poll of `imp` that ended in `result` with `error`.
+fn poll_failed(
+    dest: &Destination,
+    imp: &ImportRecord,
+    result: PollResult,
+    error: &JobError,
+    poll_errors: u32,
+) {
+    PollFinished {
+        import_id: imp.id,
+        result,
+        progress: None,
+        error: Some(&error.message),
+        poll_errors,
+    }
+    .emit(&dest.events);
+}
+
+/// Every job of an import that failed as a whole: retried under the usual
+/// budget when `retryable`, else aborted ([`decide::import_failed`], now,
+/// with one jitter so the batch comes due together).
+fn import_failed(
+    s: &crate::RouterSettings,
+    infos: &JobInfos,
+    error: &JobError,
+    retryable: bool,
+) -> Vec<JobTransition> {
+    let mut random = fastrand::f64;
+    let mut ctx = decide::Context {
+        settings: s,
+        now: Timestamp::now(),
+        random: &mut random,
+    };
+    decide::import_failed(&mut ctx, infos, error, retryable)
 }
 
 /// Failed results fetches in a row (seen by this process) after which an
@@ -342,7 +355,7 @@ async fn results_unavailable(
     dest: &Destination,
     shared: &Shared,
     imp: &ImportRecord,
-    infos: &[AttemptInfo],
+    infos: &JobInfos,
     last: &DestinationError,
 ) {
     let error = JobError::new(
@@ -357,33 +370,7 @@ async fn results_unavailable(
             last.message()
         ),
     );
-    PollFinished {
-        import_id: imp.id,
-        result: PollResult::DeadlineExceeded,
-        progress: None,
-        error: Some(&error.message),
-        poll_errors: imp.poll_errors + 1,
-    }
-    .emit(&dest.events);
-    let transitions = infos
-        .iter()
-        .map(|j| JobTransition {
-            job_id: j.job_id,
-            to: Transition::Aborted {
-                error: error.clone(),
-            },
-        })
-        .collect();
-    finish(
-        dest,
-        shared,
-        imp,
-        infos,
-        ImportState::Failed,
-        Some(error),
-        transitions,
-    )
-    .await;
+    fail_past_deadline(dest, shared, imp, infos, error, false, imp.poll_errors + 1).await;
 }
 
 async fn poll_error(
@@ -394,18 +381,8 @@ async fn poll_error(
     what: &str,
 ) {
     let error = JobError::new(e.code(), format!("{what} failed: {}", e.message()));
-    PollFinished {
-        import_id: imp.id,
-        result: PollResult::Error,
-        progress: None,
-        error: Some(&error.message),
-        poll_errors: imp.poll_errors + 1,
-    }
-    .emit(&dest.events);
-    let wait = e
-        .retry_after()
-        .unwrap_or(dest.settings.poll_interval)
-        .max(dest.settings.poll_interval);
+    poll_failed(dest, imp, PollResult::Error, &error, imp.poll_errors + 1);
+    let wait = decide::poll_retry_wait(&dest.settings, e.retry_after());
     reschedule(dest, shared, imp, imp.state, None, Some(error), wait).await;
 }
 
@@ -446,82 +423,43 @@ async fn apply_stats(
     dest: &Destination,
     shared: &Shared,
     imp: &ImportRecord,
-    infos: &[AttemptInfo],
+    infos: &JobInfos,
     stats: UploadStats,
 ) {
-    let s = &dest.settings;
-    let now = Timestamp::now();
-    let by_id: HashMap<JobId, &AttemptInfo> = infos.iter().map(|j| (j.job_id, j)).collect();
-    let mut decided: HashMap<JobId, Outcome> = HashMap::with_capacity(stats.outcomes.len());
-    let mut unknown = 0u64;
-    for (id, outcome) in stats.outcomes {
-        if by_id.contains_key(&id) {
-            decided.insert(id, outcome);
-        } else {
-            unknown += 1;
-        }
+    let unmatched = stats.unmatched;
+    let mut random = fastrand::f64;
+    let decision = decide::import_stats(
+        &mut decide::Context {
+            settings: &dest.settings,
+            now: Timestamp::now(),
+            random: &mut random,
+        },
+        infos,
+        stats,
+    );
+    UnmatchedResults {
+        import_id: imp.id,
+        unmatched,
+        unknown: decision.unknown,
     }
-    if unknown > 0 {
-        tracing::warn!(
-            destination_id = %dest.id, import_id = imp.id, count = unknown,
-            "Upload stats named jobs that are not in this import; ignored."
-        );
-    }
-    if stats.unmatched > 0 || unknown > 0 {
-        dest.events
-            .metrics()
-            .unmatched_results
-            .with_label_values(&[&*dest.kind, &*dest.id])
-            .inc_by(stats.unmatched + unknown);
-        if stats.unmatched > 0 {
-            tracing::warn!(
-                destination_id = %dest.id, import_id = imp.id, count = stats.unmatched,
-                "Destination returned per-record results that matched no job."
-            );
-        }
-    }
-    let mut ok = 0usize;
-    let jitter = fastrand::f64();
-    let transitions: Vec<JobTransition> = infos
-        .iter()
-        .map(|j| {
-            let to = match decided.remove(&j.job_id) {
-                None => Transition::Succeeded {
-                    note: None,
-                    external_id: None,
-                },
-                Some(Outcome::Succeeded { note, external_id }) => {
-                    Transition::Succeeded { note, external_id }
-                }
-                Some(Outcome::Aborted(error)) => Transition::Aborted { error },
-                Some(Outcome::Failed(error)) | Some(Outcome::Throttled(error)) => {
-                    retry::after_failure(s, j, error, now, None, jitter)
-                }
-            };
-            if matches!(to, Transition::Succeeded { .. }) {
-                ok += 1;
-            }
-            JobTransition {
-                job_id: j.job_id,
-                to,
-            }
-        })
-        .collect();
-    let state = if ok == infos.len() {
-        ImportState::Completed
-    } else if ok == 0 {
-        ImportState::Failed
-    } else {
-        ImportState::Partial
-    };
-    finish(dest, shared, imp, infos, state, None, transitions).await;
+    .emit(&dest.events);
+    finish(
+        dest,
+        shared,
+        imp,
+        infos,
+        decision.state,
+        None,
+        decision.transitions,
+    )
+    .await;
 }
 
 async fn finish(
     dest: &Destination,
     shared: &Shared,
     imp: &ImportRecord,
-    infos: &[AttemptInfo],
+    infos: &JobInfos,
     state: ImportState,
     error: Option<JobError>,
     transitions: Vec<JobTransition>,
@@ -550,8 +488,6 @@ async fn finish(
                 count: report.rejected.len(),
             }
             .emit(&dest.events);
-            let created: BTreeMap<JobId, Timestamp> =
-                infos.iter().map(|j| (j.job_id, j.created_at)).collect();
             let applied: Vec<JobTransition> = transitions
                 .into_iter()
                 .filter(|t| !report.rejected.contains(&t.job_id))
@@ -559,7 +495,7 @@ async fn finish(
             StateChanges {
                 stage: "import",
                 transitions: &applied,
-                created_at: &created,
+                jobs: infos,
                 importing: 0,
                 now,
             }

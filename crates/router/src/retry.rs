@@ -66,19 +66,38 @@ pub fn after_failure(
     }
 }
 
+/// Asserts that `t` gives a job up with `retries_exhausted` and a message
+/// naming every one of `parts` (shared by the retry and decision tests).
+#[cfg(test)]
+pub(crate) fn assert_exhausted(t: &Transition, parts: &[&str]) {
+    match t {
+        Transition::Aborted { error } => {
+            assert_eq!(error.code, ErrorCode::RetriesExhausted);
+            for part in parts {
+                assert!(error.message.contains(part), "{part}: {}", error.message);
+            }
+        }
+        other => panic!("expected abort, got {other:?}"),
+    }
+}
+
+/// The settings the retry and decision tests share: backoff 10 s to 5 min,
+/// 3 retries, a 1 h window.
+#[cfg(test)]
+pub(crate) fn test_settings() -> RouterSettings {
+    RouterSettings {
+        min_retry_backoff: Duration::from_secs(10),
+        max_retry_backoff: Duration::from_secs(300),
+        max_retries: 3,
+        retry_time_window: Duration::from_secs(3600),
+        ..RouterSettings::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_settings as settings;
     use super::*;
-
-    fn settings() -> RouterSettings {
-        RouterSettings {
-            min_retry_backoff: Duration::from_secs(10),
-            max_retry_backoff: Duration::from_secs(300),
-            max_retries: 3,
-            retry_time_window: Duration::from_secs(3600),
-            ..RouterSettings::default()
-        }
-    }
 
     fn info(attempts: u32, retry_base: u32, first: i64) -> AttemptInfo {
         AttemptInfo {
@@ -116,22 +135,11 @@ mod tests {
                 Transition::Failed { .. }
             ));
         }
-        match after_failure(&s, &info(4, 0, 0), err.clone(), now, None, 0.5) {
-            Transition::Aborted { error } => {
-                assert_eq!(error.code, ErrorCode::RetriesExhausted);
-                assert!(
-                    error.message.contains("4 upload attempt(s)"),
-                    "{}",
-                    error.message
-                );
-                assert!(
-                    error.message.contains("HTTP 503"),
-                    "last reason kept: {}",
-                    error.message
-                );
-            }
-            other => panic!("expected abort, got {other:?}"),
-        }
+        // The last reason is kept.
+        assert_exhausted(
+            &after_failure(&s, &info(4, 0, 0), err.clone(), now, None, 0.5),
+            &["4 upload attempt(s)", "HTTP 503"],
+        );
         // A re-drive gives a fresh budget while attempts keep the history.
         assert!(matches!(
             after_failure(&s, &info(5, 4, 0), err, now, None, 0.5),
@@ -156,14 +164,10 @@ mod tests {
             Transition::Failed { .. }
         ));
         // Both: aborted, saying why.
-        match after_failure(&s, &info(4, 0, 0), err, late, None, 0.5) {
-            Transition::Aborted { error } => {
-                assert_eq!(error.code, ErrorCode::RetriesExhausted);
-                assert!(error.message.contains("both spent"), "{}", error.message);
-                assert!(error.message.contains("over 1h"), "{}", error.message);
-            }
-            other => panic!("expected abort, got {other:?}"),
-        }
+        assert_exhausted(
+            &after_failure(&s, &info(4, 0, 0), err, late, None, 0.5),
+            &["both spent", "over 1h"],
+        );
     }
 
     #[test]

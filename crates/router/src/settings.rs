@@ -351,6 +351,10 @@ pub struct RouterSettings {
 }
 
 impl Default for RouterSettings {
+    #[allow(
+        clippy::expect_used,
+        reason = "the built-in defaults resolve without a problem; every settings test builds them"
+    )]
     fn default() -> Self {
         let empty = std::collections::BTreeMap::new();
         RouterSettings::resolve(&KeyLookup::new(
@@ -367,6 +371,10 @@ impl Default for RouterSettings {
 #[error("{}", .0.join("; "))]
 pub struct SettingsError(pub Vec<String>);
 
+#[allow(
+    clippy::expect_used,
+    reason = "called only with names of keys declared in KEYS, each resolved by every settings test"
+)]
 fn spec(name: &str) -> &'static KeySpec {
     KEYS.iter()
         .find(|k| k.name == name)

@@ -2,24 +2,24 @@
 //! batch by count, bytes or time, take an upload slot, upload, and write
 //! every job's outcome back in one transaction.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::store::{
-    AttemptInfo, ImportToCreate, JobTransition, LeaseRenewal, SlotId, Transition, UploadCommit,
+    AttemptInfo, ImportToCreate, JobTransition, LeaseRenewal, SlotId, UploadCommit,
 };
 use batchrouter_core::{
-    validate_upload_output, ErrorCode, JobError, JobId, Outcome, StagedBatch, StoreError,
-    Timestamp, UploadOutput,
+    validate_upload_output, ErrorCode, JobError, JobId, StagedBatch, StoreError, Timestamp,
+    UploadOutput,
 };
 use tempfile::TempPath;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
+use crate::decide::{self, JobInfos};
 use crate::events::{
     BatchStaged, FencedWritesRejected, StateChanges, UploadFinished, UploadResult,
 };
-use crate::retry;
 use crate::staging::{batch_id, Carry, CutLimits, StagingFile};
 use crate::{Destination, Shared};
 
@@ -100,7 +100,7 @@ pub(crate) async fn run(dest: Arc<Destination>, shared: Arc<Shared>) {
         if shared.shutdown.is_cancelled() {
             break;
         }
-        if dest.paused_until.lock().unwrap().is_some() && !carry.is_empty() {
+        if dest.pause.active(Timestamp::now()).is_some() && !carry.is_empty() {
             // A pause can outlast the lease: hand the carry back rather than
             // hold jobs nobody renews.
             let ids: Vec<JobId> = carry.drain(..).map(|c| c.info.job_id).collect();
@@ -173,15 +173,11 @@ async fn sleep_or_shutdown(shared: &Shared, d: Duration) -> bool {
 /// Waits out a throttle pause; false when shutting down.
 async fn wait_while_paused(dest: &Destination, shared: &Shared) -> bool {
     loop {
-        let until = *dest.paused_until.lock().unwrap();
-        let Some(until) = until else { return true };
-        let now = Timestamp::now();
-        if until <= now {
-            *dest.paused_until.lock().unwrap() = None;
+        let Some(left) = dest.pause.remaining(Timestamp::now()) else {
             return true;
-        }
-        tracing::debug!(destination_id = %dest.id, wait_ms = until.since(now).as_millis() as u64, "Destination paused by throttling.");
-        if !sleep_or_shutdown(shared, until.since(now)).await {
+        };
+        tracing::debug!(destination_id = %dest.id, wait_ms = left.as_millis() as u64, "Destination paused by throttling.");
+        if !sleep_or_shutdown(shared, left).await {
             return false;
         }
     }
@@ -265,7 +261,9 @@ async fn build_batch_inner(
             };
             let manager = dest.manager.clone();
             let pending = std::mem::take(carry);
+            let span = dest.events.span("transform");
             let (f, result) = tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
                 let mut f = f;
                 let r = f.stage(&manager, pending, claimed, limits, Timestamp::now());
                 (f, r)
@@ -306,7 +304,9 @@ async fn build_batch_inner(
             None
         };
         if let Some(cut) = cut {
-            let f = file.take().expect("file present");
+            let Some(f) = file.take() else {
+                continue; // unreachable: `file` was Some above; loop as if idle
+            };
             // The earliest job's creation time: the same for a retry of the
             // same jobs, so date macros in remote paths do not move.
             let created_at = f.jobs.iter().map(|j| j.created_at).min().unwrap_or(now);
@@ -380,7 +380,7 @@ async fn persist_pre_upload_aborts(
             StateChanges {
                 stage: "transform",
                 transitions: &applied,
-                created_at: &BTreeMap::new(),
+                jobs: &JobInfos::default(),
                 importing: 0,
                 now,
             }
@@ -406,7 +406,7 @@ async fn acquire_slot(
     loop {
         let now = Timestamp::now();
         // A throttle pause holds back every upload, this one included.
-        let paused = dest.paused_until.lock().unwrap().filter(|t| *t > now);
+        let paused = dest.pause.active(now);
         let attempt = if paused.is_some() {
             Ok(None)
         } else {
@@ -471,7 +471,12 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
     let started = Instant::now();
     let mut held = Held::new(staged.lease_until);
     held.slot = Some(slot);
-    let call = tokio::time::timeout(s.upload_timeout, dest.manager.upload(&batch));
+    let call = tokio::time::timeout(
+        s.upload_timeout,
+        dest.manager
+            .upload(&batch)
+            .instrument(dest.events.span("upload")),
+    );
     tokio::pin!(call);
     let result = loop {
         tokio::select! {
@@ -511,85 +516,33 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
     };
 
     crate::crash::upload_answered(&output, forced.is_none());
-    let infos: BTreeMap<JobId, AttemptInfo> = staged.jobs.iter().map(|j| (j.job_id, *j)).collect();
-    let throttled = output
-        .outcomes
-        .iter()
-        .any(|(_, o)| matches!(o, Outcome::Throttled(_)));
-    let pause_until = if throttled || output.retry_after.is_some() {
-        let wait = output
-            .retry_after
-            .unwrap_or_else(|| retry::backoff(s, 1, fastrand::f64()));
-        let until = now + wait;
-        let mut p = dest.paused_until.lock().unwrap();
-        *p = Some(p.map_or(until, |cur| cur.max(until)));
-        Some(until)
-    } else {
-        None
-    };
-
-    // One jitter for the whole batch, so its failed jobs come due together
-    // and a retry forms the same batch (same batch id, same remote file).
-    let jitter = fastrand::f64();
-    let mut attempted = Vec::with_capacity(ids.len());
-    let mut transitions = Vec::with_capacity(output.outcomes.len());
-    let (mut n_ok, mut n_bad, mut n_throttled) = (0usize, 0usize, 0usize);
-    for (id, outcome) in &output.outcomes {
-        let Some(info) = infos.get(id) else { continue };
-        let mut counted = *info;
-        let to = match outcome {
-            Outcome::Succeeded { note, external_id } => {
-                attempted.push(*id);
-                n_ok += 1;
-                Transition::Succeeded {
-                    note: note.clone(),
-                    external_id: external_id.clone(),
-                }
-            }
-            Outcome::Aborted(e) => {
-                attempted.push(*id);
-                n_bad += 1;
-                Transition::Aborted { error: e.clone() }
-            }
-            Outcome::Failed(e) => {
-                attempted.push(*id);
-                n_bad += 1;
-                counted.attempts += 1;
-                counted.first_attempt_at.get_or_insert(now);
-                retry::after_failure(s, &counted, e.clone(), now, pause_until, jitter)
-            }
-            Outcome::Throttled(e) => {
-                // Not an attempt, but the retry window starts at the first
-                // try to upload, throttled or not (as the store records it).
-                counted.first_attempt_at.get_or_insert(now);
-                n_throttled += 1;
-                retry::after_failure(s, &counted, e.clone(), now, pause_until, jitter)
-            }
-        };
-        transitions.push(JobTransition { job_id: *id, to });
+    let infos = JobInfos::new(&staged.jobs);
+    let mut random = fastrand::f64;
+    let decision = decide::upload(
+        &mut decide::Context {
+            settings: s,
+            now,
+            random: &mut random,
+        },
+        &infos,
+        &output,
+    );
+    if let Some(until) = decision.pause_until {
+        dest.pause.extend_to(until);
     }
-    let mut imports = Vec::with_capacity(output.imports.len());
-    let mut importing = 0usize;
-    for imp in &output.imports {
-        attempted.extend(imp.job_ids.iter().copied());
-        importing += imp.job_ids.len();
-        imports.push(ImportToCreate {
+    let imports: Vec<ImportToCreate> = output
+        .imports
+        .iter()
+        .map(|imp| ImportToCreate {
             batch_id: batch.batch_id.clone(),
             context: imp.context.clone(),
             job_ids: imp.job_ids.clone(),
             next_poll_at: now + s.poll_interval,
             deadline_at: now + s.import_deadline,
-        });
-    }
-    let result = forced.unwrap_or(if n_throttled == ids.len() {
-        UploadResult::Throttled
-    } else if n_bad + n_throttled == 0 {
-        UploadResult::Success
-    } else if n_ok + importing == 0 {
-        UploadResult::Failed
-    } else {
-        UploadResult::Partial
-    });
+        })
+        .collect();
+    let importing = decision.importing;
+    let result = forced.unwrap_or_else(|| decision.result(ids.len()));
     UploadFinished {
         batch_id: &batch.batch_id,
         jobs: ids.len(),
@@ -605,9 +558,9 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
         destination_id: dest.id.to_string(),
         owner: shared.owner.clone(),
         now,
-        attempted,
+        attempted: decision.attempted,
         imports,
-        transitions,
+        transitions: decision.transitions,
         slot: Some(slot),
         import_lease_until: now + s.lease_timeout,
     };
@@ -627,12 +580,10 @@ async fn upload(dest: Arc<Destination>, shared: Arc<Shared>, staged: Staged, slo
                     .filter(|t| !report.rejected.contains(&t.job_id))
                     .collect()
             };
-            let created: BTreeMap<JobId, Timestamp> =
-                infos.iter().map(|(id, i)| (*id, i.created_at)).collect();
             StateChanges {
                 stage: "upload",
                 transitions: &applied,
-                created_at: &created,
+                jobs: &infos,
                 importing,
                 now,
             }

@@ -1,8 +1,15 @@
 //! End-to-end tests of the engine with the embedded SQLite store, real HTTP
 //! over loopback to the stand-in, and scripted managers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -293,10 +300,12 @@ async fn throttling_never_aborts_old_jobs_that_were_never_uploaded() {
     router.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("jobs.db");
+/// Puts 4 jobs of `d` into an import that never finishes, stops the router
+/// as a crash would and stays down past `asyncImportDeadline` (2 s):
+/// answers the reopened store, the settings and the first run's manager.
+async fn import_in_flight_then_down_past_deadline(
+    dir: &Path,
+) -> (Arc<dyn JobStore>, RouterSettings, Arc<Recording>) {
     let first = Arc::new(Recording::default());
     *first.behaviour.lock().unwrap() = Behaviour::ImportForever;
     let settings = RouterSettings {
@@ -304,14 +313,14 @@ async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up()
         ..fast()
     };
     {
-        let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
+        let store: Arc<dyn JobStore> = sqlite(dir).await;
         store
             .insert_jobs(numbered_jobs("d", "x", 4), Timestamp::now())
             .await
             .unwrap();
         let router = start(
             store.clone(),
-            dir.path(),
+            dir,
             vec![("d", "TEST", first.clone(), settings.clone())],
         )
         .await;
@@ -322,9 +331,15 @@ async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up()
         .await;
         router.abort();
     }
-    // Down past the deadline; meanwhile the destination finished the import.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let store: Arc<dyn JobStore> = reopen(&path).await;
+    (reopen(&dir.join("jobs.db")).await, settings, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, settings, first) = import_in_flight_then_down_past_deadline(dir.path()).await;
+    // Meanwhile the destination finished the import.
     let second = Arc::new(Recording::default());
     *second.behaviour.lock().unwrap() = Behaviour::Import { polls: 1 };
     let router = start(
@@ -347,36 +362,9 @@ async fn an_import_past_its_deadline_after_downtime_is_polled_before_giving_up()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_fetch_failing_once_after_downtime_past_the_deadline_is_retried() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("jobs.db");
-    let first = Arc::new(Recording::default());
-    *first.behaviour.lock().unwrap() = Behaviour::ImportForever;
-    let settings = RouterSettings {
-        import_deadline: Duration::from_secs(2),
-        ..fast()
-    };
-    {
-        let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-        store
-            .insert_jobs(numbered_jobs("d", "x", 4), Timestamp::now())
-            .await
-            .unwrap();
-        let router = start(
-            store.clone(),
-            dir.path(),
-            vec![("d", "TEST", first.clone(), settings.clone())],
-        )
-        .await;
-        wait_for("an import in flight", LIMIT, || {
-            let store = store.clone();
-            async move { n(&counts(&store, "d").await, JobState::Importing) == 4 }
-        })
-        .await;
-        router.abort();
-    }
-    // Down past the deadline; meanwhile the destination finished the import
-    // (one record rejected), and its results endpoint fails once.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let store: Arc<dyn JobStore> = reopen(&path).await;
+    let (store, settings, _) = import_in_flight_then_down_past_deadline(dir.path()).await;
+    // Meanwhile the destination finished the import (one record rejected),
+    // and its results endpoint fails once.
     let second = Arc::new(Recording::default());
     *second.behaviour.lock().unwrap() = Behaviour::ImportWithFailures { polls: 1 };
     second.stats_failures_left.store(1, Ordering::SeqCst);
@@ -512,28 +500,16 @@ async fn batches_are_cut_by_count_bytes_and_time() {
 async fn outputs_that_lose_or_duplicate_jobs_are_caught() {
     for behaviour in [Behaviour::OmitOne, Behaviour::DuplicateOne] {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-        store
-            .insert_jobs(numbered_jobs("d", "x", 10), Timestamp::now())
-            .await
-            .unwrap();
-        let m = Arc::new(Recording::default());
-        *m.behaviour.lock().unwrap() = behaviour.clone();
-        let router = start(
-            store.clone(),
+        let (store, m, router, c) = recording_run_settled(
             dir.path(),
-            vec![(
-                "d",
-                "TEST",
-                m.clone(),
-                RouterSettings {
-                    max_retries: 1,
-                    ..fast()
-                },
-            )],
+            10,
+            behaviour.clone(),
+            RouterSettings {
+                max_retries: 1,
+                ..fast()
+            },
         )
         .await;
-        let c = settle(&store, "d", LIMIT).await;
         assert_eq!(
             n(&c, JobState::Aborted),
             10,
@@ -988,20 +964,13 @@ async fn completed_import_whose_results_cannot_be_read_is_aborted_and_frees_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_failed_for_good_aborts_its_jobs_without_uploading_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-    let m = Arc::new(Recording::default());
-    *m.behaviour.lock().unwrap() = Behaviour::ImportFails { retryable: false };
-    store
-        .insert_jobs(numbered_jobs("d", "x", 5), Timestamp::now())
-        .await
-        .unwrap();
-    let router = start(
-        store.clone(),
+    let (store, m, router, c) = recording_run_settled(
         dir.path(),
-        vec![("d", "TEST", m.clone(), fast())],
+        5,
+        Behaviour::ImportFails { retryable: false },
+        fast(),
     )
     .await;
-    let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Aborted), 5, "{:?}", readable(&c));
     let j = store.get_job(1).await.unwrap().unwrap();
     assert_eq!(j.attempts, 1);
@@ -1020,28 +989,16 @@ async fn import_failed_for_good_aborts_its_jobs_without_uploading_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_failed_retryably_is_uploaded_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn JobStore> = sqlite(dir.path()).await;
-    let m = Arc::new(Recording::default());
-    *m.behaviour.lock().unwrap() = Behaviour::ImportFails { retryable: true };
-    store
-        .insert_jobs(numbered_jobs("d", "x", 5), Timestamp::now())
-        .await
-        .unwrap();
-    let router = start(
-        store.clone(),
+    let (store, m, router, c) = recording_run_settled(
         dir.path(),
-        vec![(
-            "d",
-            "TEST",
-            m.clone(),
-            RouterSettings {
-                max_retries: 2,
-                ..fast()
-            },
-        )],
+        5,
+        Behaviour::ImportFails { retryable: true },
+        RouterSettings {
+            max_retries: 2,
+            ..fast()
+        },
     )
     .await;
-    let c = settle(&store, "d", LIMIT).await;
     assert_eq!(n(&c, JobState::Aborted), 5, "{:?}", readable(&c));
     assert_eq!(
         m.uploads.load(Ordering::SeqCst),

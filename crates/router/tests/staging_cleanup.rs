@@ -2,6 +2,12 @@
 //! identity's and those of identities no running process holds, never the
 //! files of a daemon that is still running on the same staging directory.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

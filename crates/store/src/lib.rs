@@ -4,6 +4,7 @@
 //! [`PostgresStore`] lets several daemons share the work. Both implement
 //! [`batchrouter_core::JobStore`] and pass the same conformance suite.
 
+mod common;
 pub mod postgres;
 pub mod sqlite;
 
@@ -53,17 +54,6 @@ pub async fn open(url: &str) -> Result<Arc<dyn JobStore>, StoreError> {
         StoreUrl::Sqlite(path) => Ok(Arc::new(SqliteStore::open(path).await?)),
         StoreUrl::Postgres(url) => Ok(Arc::new(PostgresStore::open(&url).await?)),
     }
-}
-
-/// Checks every job with [`batchrouter_core::NewJob::validate`] before a
-/// store writes any, so both backends refuse the same inputs, all or
-/// nothing, and say which job of the request is wrong and why.
-pub(crate) fn validate_new_jobs(jobs: &[batchrouter_core::NewJob]) -> Result<(), StoreError> {
-    for (i, job) in jobs.iter().enumerate() {
-        job.validate()
-            .map_err(|e| StoreError::Invalid(format!("job #{i} of the request: {e}")))?;
-    }
-    Ok(())
 }
 
 /// The URL with any password (and query) masked, for logs and errors.

@@ -3,6 +3,12 @@
 //! concurrent claimers, concurrent migrations, cluster-wide slots, fencing
 //! between daemons, waiting for lease expiry, direct upstream inserts.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod conformance;
 
 use std::sync::Arc;

@@ -1,5 +1,11 @@
 //! The store conformance suite against the embedded SQLite store.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 mod conformance;
 
 use std::sync::Arc;

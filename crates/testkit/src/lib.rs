@@ -4,6 +4,16 @@
 //! The stand-ins follow the real APIs' contracts, limits and error codes
 //! (see `docs/destinations/`), failure modes included, so managers are tested
 //! against the shapes they will meet in production.
+//!
+//! Test support only (tests, benchmarks and the `demo` command): a failed
+//! setup step or a broken assertion panics, because a panic is how a test
+//! harness reports failure; so the workspace's unwrap/expect lints are
+//! lifted for this crate alone.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a panic is the failure report of a harness or stand-in"
+)]
 
 pub mod conformance;
 pub mod http;

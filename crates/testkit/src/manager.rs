@@ -8,10 +8,11 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use batchrouter_core::{
-    AsyncDestinationManager, DestinationTelemetry, ImportHandle, Job, JobId, NewImport, Outcome,
-    PollStatus, StagedBatch, Timestamp, TransformError, UploadOutput,
+    AsyncDestinationManager, DestinationError, DestinationTelemetry, ImportHandle, Job, JobId,
+    NewImport, Outcome, PollStatus, StagedBatch, Timestamp, TransformError, UploadOutput,
 };
 
 /// Telemetry that remembers every request status it is told, so tests can
@@ -185,12 +186,31 @@ pub async fn poll_to_end(
     max_polls: usize,
 ) -> (PollStatus, usize) {
     for n in 1..=max_polls {
-        match m.poll(h).await.expect("poll works") {
+        match poll_patiently(m, h).await {
             PollStatus::InProgress { .. } => continue,
             other => return (other, n),
         }
     }
     panic!("import {} never ended in {max_polls} polls", h.id);
+}
+
+/// One poll, waiting out throttling as the router does (a throttled poll is
+/// asked again after the destination's hint, never counted as a failure);
+/// any other error panics.
+async fn poll_patiently(m: &dyn AsyncDestinationManager, h: &ImportHandle) -> PollStatus {
+    for _ in 0..100 {
+        match m.poll(h).await {
+            Ok(status) => return status,
+            Err(DestinationError::Throttled { retry_after, .. }) => {
+                let wait = retry_after
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_secs(2));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => panic!("poll of import {} failed: {e}", h.id),
+        }
+    }
+    panic!("poll of import {} stayed throttled for 100 tries", h.id);
 }
 
 /// When [`drive_with`] reads an import's per-job stats.
@@ -227,7 +247,7 @@ pub async fn drive_with(
         }
         let mut still = Vec::new();
         for h in pending {
-            match m.poll(h).await.expect("poll works") {
+            match poll_patiently(m, h).await {
                 PollStatus::InProgress { .. } => still.push(h),
                 PollStatus::Complete { has_failures } => {
                     let mut named = HashMap::new();

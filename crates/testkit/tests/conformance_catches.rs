@@ -2,6 +2,12 @@
 //! and each way of breaking the manager contract is caught by the check
 //! that guards it, so no check can pass without looking.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the failure report"
+)]
+
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};

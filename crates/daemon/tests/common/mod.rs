@@ -22,7 +22,12 @@ pub struct Daemon {
 
 /// Writes `config` to `dir/batchrouter.toml`.
 pub fn write_config(dir: &Path, config: &str) -> PathBuf {
-    let path = dir.join("batchrouter.toml");
+    write_config_as(dir, "batchrouter", config)
+}
+
+/// Writes `config` to `dir/<name>.toml`, for one of several daemons.
+pub fn write_config_as(dir: &Path, name: &str, config: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
     path
 }
@@ -250,4 +255,111 @@ pub fn raw_http(addr: &str, request: &[u8], limit: Duration) -> (u16, Value) {
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
     (status, body)
+}
+
+/// A `[[destinations]]` table for an `HTTP` destination posting to `url`,
+/// with `maxBatchSize` when given.
+pub fn http_destination(id: &str, url: &str, max_batch_size: Option<usize>) -> String {
+    let max = max_batch_size
+        .map(|n| format!("maxBatchSize = {n}\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[[destinations]]
+id = "{id}"
+type = "HTTP"
+[destinations.config]
+url = "{url}"
+{max}"#
+    )
+}
+
+/// A `[[destinations]]` table for a Marketo destination at `base_url` that
+/// maps `email` and `n` (as `score`); `secret` is written as given, so it
+/// may be a `${VAR}` reference.
+pub fn marketo_destination(id: &str, client_id: &str, secret: &str, base_url: &str) -> String {
+    format!(
+        r#"
+[[destinations]]
+id = "{id}"
+type = "MARKETO_BULK_UPLOAD"
+[destinations.config]
+munchkinId = "123-ABC-456"
+clientId = "{client_id}"
+clientSecret = "{secret}"
+baseUrl = "{base_url}"
+columnFieldsMapping = [{{ from = "email", to = "email" }}, {{ from = "n", to = "score" }}]
+"#
+    )
+}
+
+/// `config` listening on a port free right now instead of port 0, for
+/// commands (such as `enqueue`) that find the daemon through `server.listen`.
+pub fn on_a_free_port(config: &str) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    config.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+}
+
+/// Waits until `done` holds, checking every 10 ms; fails with `what` once
+/// `limit` has passed.
+pub async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} (waited {limit:?})");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The URL of a SQLite store in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}/jobs.db", dir.display())
+}
+
+/// A daemon config on port 0: `server` added to `[server]`, the store at
+/// `store_url`, staging in `staging`, short `[BatchRouter]` intervals (so
+/// tests take seconds) plus `router`, then `destinations`.
+pub fn daemon_config(
+    server: &str,
+    store_url: &str,
+    staging: &Path,
+    router: &str,
+    destinations: &str,
+) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server}
+[store]
+url = "{store_url}"
+stagingDir = "{staging}"
+[logging]
+level = "warn"
+[BatchRouter]
+uploadFreq = "100ms"
+minIdleSleep = "50ms"
+pollStatusLoopSleep = "100ms"
+minRetryBackoff = "100ms"
+maxRetryBackoff = "500ms"
+{router}
+{destinations}"#,
+        staging = staging.display()
+    )
+}
+
+/// A Marketo stand-in without rate limits that imports an accepted file at
+/// once, as Marketo does whether or not anyone polls.
+pub async fn marketo_importing_at_once() -> batchrouter_testkit::marketo::MarketoStandIn {
+    use batchrouter_testkit::marketo::{MarketoOptions, MarketoStandIn};
+    MarketoStandIn::start_with(MarketoOptions {
+        polls_to_complete: 0,
+        max_calls_per_window: None,
+        max_concurrent_calls: None,
+        ..MarketoOptions::default()
+    })
+    .await
 }

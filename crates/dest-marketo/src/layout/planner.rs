@@ -118,24 +118,26 @@ impl Planner {
                 self.finish_current()?;
             }
         }
-        if self.current.is_none() {
-            if self.files.len() >= MAX_FILES_PER_UPLOAD {
-                self.decided.push((row.id, queue_full()));
-                return Ok(());
+        let f = match &mut self.current {
+            Some(f) => f,
+            None => {
+                if self.files.len() >= MAX_FILES_PER_UPLOAD {
+                    self.decided.push((row.id, queue_full()));
+                    return Ok(());
+                }
+                self.file_generation += 1;
+                self.current.insert(OpenFile {
+                    pending: RowFile::create(&self.dir, "marketo-rows-")?,
+                    cols: Vec::new(),
+                    names_bytes: 0,
+                    content_bytes: 0,
+                    job_ids: Vec::new(),
+                    keys: Vec::new(),
+                    key_set: HashSet::new(),
+                })
             }
-            self.file_generation += 1;
-            self.current = Some(OpenFile {
-                pending: RowFile::create(&self.dir, "marketo-rows-")?,
-                cols: Vec::new(),
-                names_bytes: 0,
-                content_bytes: 0,
-                job_ids: Vec::new(),
-                keys: Vec::new(),
-                key_set: HashSet::new(),
-            });
-        }
+        };
         let generation = self.file_generation;
-        let f = self.current.as_mut().expect("a current file exists");
         for &(c, _) in &row.cells {
             let slot = c as usize;
             if slot >= self.in_file.len() {

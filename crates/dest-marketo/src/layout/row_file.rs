@@ -76,8 +76,10 @@ impl RowReader {
         }
         let mut head = [0u8; 20];
         self.reader.read_exact(&mut head)?;
-        let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
-        let id = JobId::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        let u32_at =
+            |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+        let [a, b, c, d, e, f, g, h, ..] = head;
+        let id = JobId::from_le_bytes([a, b, c, d, e, f, g, h]);
         let (key_len, cells, data_len) = (u32_at(8), u32_at(12), u32_at(16));
         row.clear(id);
         let mut key = vec![0u8; key_len as usize];
@@ -88,8 +90,8 @@ impl RowReader {
         for _ in 0..cells {
             self.reader.read_exact(&mut pair)?;
             row.cells.push((
-                u32::from_le_bytes(pair[..4].try_into().expect("4 bytes")),
-                u32::from_le_bytes(pair[4..].try_into().expect("4 bytes")),
+                u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]),
+                u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]),
             ));
         }
         row.data.resize(data_len as usize, 0);

@@ -65,17 +65,18 @@ pub fn options(dir: &Path) -> RouterOptions {
     }
 }
 
-/// Builds an `HTTP` manager through the factory.
+/// Builds an `HTTP` manager through the destination registry.
 pub fn http_manager(id: &str, config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
-    batchrouter_router::factory::build_manager(
-        &DestinationContext {
-            id: id.into(),
-            destination_type: "HTTP".into(),
-            telemetry: Arc::new(NoopTelemetry),
-        },
-        &config,
-    )
-    .unwrap()
+    batchrouter_destinations::REGISTRY
+        .build(
+            &DestinationContext {
+                id: id.into(),
+                destination_type: "HTTP".into(),
+                telemetry: Arc::new(NoopTelemetry),
+            },
+            &config,
+        )
+        .unwrap()
 }
 
 pub async fn start(
@@ -270,4 +271,28 @@ pub fn readable(c: &DestinationCounts) -> BTreeMap<String, u64> {
         .iter()
         .map(|(k, v)| (k.to_string(), *v))
         .collect()
+}
+
+/// A SQLite store in `dir` holding `jobs` jobs for destination `d`, and a
+/// router sending them with `settings` to a [`Recording`] that behaves as
+/// `behaviour`, run until every job is settled (its counts answered last).
+pub async fn recording_run_settled(
+    dir: &Path,
+    jobs: usize,
+    behaviour: Behaviour,
+    settings: RouterSettings,
+) -> (Arc<dyn JobStore>, Arc<Recording>, Router, DestinationCounts) {
+    let store: Arc<dyn JobStore> = sqlite(dir).await;
+    store
+        .insert_jobs(
+            batchrouter_testkit::jobs::numbered_jobs("d", "x", jobs),
+            batchrouter_core::Timestamp::now(),
+        )
+        .await
+        .unwrap();
+    let m = Arc::new(Recording::default());
+    *m.behaviour.lock().unwrap() = behaviour;
+    let router = start(store.clone(), dir, vec![("d", "TEST", m.clone(), settings)]).await;
+    let c = settle(&store, "d", Duration::from_secs(60)).await;
+    (store, m, router, c)
 }

@@ -13,12 +13,20 @@
 //! a transaction that loses a deadlock or serialization race is retried a
 //! few times before the error is reported. Passwords never appear in errors
 //! or logs.
+//!
+//! This file is the async shell: options, the pool, retries of lost races,
+//! error mapping and the [`JobStore`] methods. The statements live in
+//! `sql.rs`, row decoding and bound arrays in `rows.rs`, multi-statement
+//! units of work in `writes.rs`, migrations in `schema.rs`, URL secrets in
+//! `secrets.rs`; what both backends decide alike is in `crate::common`.
 
 mod rows;
 mod schema;
+mod secrets;
 mod sql;
+mod writes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -33,10 +41,16 @@ use batchrouter_core::store::{
 use batchrouter_core::{
     ErrorCode, ImportId, Job, JobId, JobState, JobStore, NewJob, StoreError, Timestamp,
 };
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Row};
 
 use self::rows::TransitionArrays;
+#[cfg(test)]
+use self::secrets::percent_decode;
+use self::secrets::Secrets;
+use crate::common::{
+    empty_counts, error_columns, recovery_report, redrivable, validate_new_jobs, Claim,
+};
 
 pub use schema::{MIGRATIONS, MIGRATION_LOCK_KEY, VERSION_TABLE};
 
@@ -69,74 +83,6 @@ impl Default for PostgresOptions {
 pub struct PostgresStore {
     pool: PgPool,
     secrets: Arc<Secrets>,
-}
-
-/// What must never leak into an error message or a log line.
-struct Secrets {
-    redacted_url: String,
-    /// The password as written in the URL (user info or `?password=`).
-    passwords: Vec<String>,
-}
-
-impl Secrets {
-    fn new(url: &str) -> Self {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let in_userinfo = base
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split('/').next())
-            .and_then(|auth| auth.rsplit_once('@'))
-            .and_then(|(userinfo, _)| userinfo.split_once(':'))
-            .map(|(_, pw)| pw.to_string());
-        let in_query = query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| k.eq_ignore_ascii_case("password"))
-            .map(|(_, v)| v.to_string());
-        let mut passwords = Vec::new();
-        for pw in in_userinfo
-            .into_iter()
-            .chain(in_query)
-            .filter(|pw| !pw.is_empty())
-        {
-            // Messages may quote it as written or percent-decoded.
-            let decoded = percent_decode(&pw);
-            if decoded != pw && !decoded.is_empty() {
-                passwords.push(decoded);
-            }
-            passwords.push(pw);
-        }
-        Secrets {
-            redacted_url: crate::redact_url(url),
-            passwords,
-        }
-    }
-
-    fn scrub(&self, text: String) -> String {
-        self.passwords
-            .iter()
-            .fold(text, |text, pw| text.replace(pw.as_str(), "***"))
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -278,362 +224,56 @@ impl PostgresStore {
             }
         }
     }
+}
 
-    async fn insert_once(
+impl PostgresStore {
+    /// Runs a claim statement (`$1` owner, `$2` lease expiry, `$3`
+    /// destination, `$4` now, `$5` limit) and decodes its rows; with a limit
+    /// of 0 it claims nothing without asking the server.
+    async fn claim_rows<T>(
         &self,
-        jobs: &[NewJob],
-        now: Timestamp,
-    ) -> Result<Vec<Inserted>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let mut ids: Vec<i64> = sqlx::query_scalar(sql::NEXT_JOB_IDS)
-            .bind(jobs.len() as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        ids.sort_unstable();
-        let dests: Vec<&str> = jobs.iter().map(|j| j.destination_id.as_str()).collect();
-        let payloads: Vec<&str> = jobs.iter().map(|j| j.payload.as_str()).collect();
-        let mids: Vec<Option<&str>> = jobs.iter().map(|j| j.message_id.as_deref()).collect();
-        let inserted: HashSet<i64> = sqlx::query_scalar(sql::INSERT_JOBS)
-            .bind(&ids)
-            .bind(&dests)
-            .bind(&payloads)
-            .bind(&mids)
-            .bind(now.0)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-        let mut existing: HashMap<i64, i64> = HashMap::new();
-        if inserted.len() < jobs.len() {
-            let skipped: Vec<usize> = (0..jobs.len())
-                .filter(|&i| !inserted.contains(&ids[i]))
-                .collect();
-            let wanted: Vec<i64> = skipped.iter().map(|&i| ids[i]).collect();
-            let d: Vec<&str> = skipped.iter().map(|&i| dests[i]).collect();
-            let m: Vec<Option<&str>> = skipped.iter().map(|&i| mids[i]).collect();
-            for r in sqlx::query(sql::EXISTING_BY_MESSAGE_ID)
-                .bind(&wanted)
-                .bind(&d)
-                .bind(&m)
-                .fetch_all(&mut *tx)
+        op: &'static str,
+        statement: &'static str,
+        c: &Claim,
+        decode: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, StoreError> {
+        if c.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let decode = &decode;
+        self.run(op, move || async move {
+            sqlx::query(statement)
+                .bind(c.owner.as_str())
+                .bind(c.lease_until.0)
+                .bind(c.dest.as_str())
+                .bind(c.now.0)
+                .bind(limit(c.limit))
+                .fetch_all(&self.pool)
                 .await?
-            {
-                existing.insert(r.try_get(0)?, r.try_get(1)?);
-            }
-        }
-        let mut out = Vec::with_capacity(jobs.len());
-        for id in &ids {
-            if inserted.contains(id) {
-                out.push(Inserted {
-                    job_id: *id,
-                    duplicate: false,
-                });
-            } else {
-                let job_id = *existing.get(id).ok_or_else(|| {
-                    sqlx::Error::Protocol(format!(
-                        "insert of job {id} was skipped but no job holds its message id"
-                    ))
-                })?;
-                out.push(Inserted {
-                    job_id,
-                    duplicate: true,
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(out)
-    }
-
-    async fn transition_once(
-        &self,
-        owner: &str,
-        arrays: &TransitionArrays,
-        now: Timestamp,
-    ) -> Result<CommitReport, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        let written = apply_transitions(&mut conn, Fence::Executing(owner), arrays, now).await?;
-        Ok(report_of(arrays, &written, CommitReport::default()))
-    }
-
-    async fn commit_once(
-        &self,
-        c: &UploadCommit,
-        contexts: &[String],
-    ) -> Result<CommitReport, sqlx::Error> {
-        let now = c.now;
-        let attempted: HashSet<JobId> = c.attempted.iter().copied().collect();
-        let mut report = CommitReport::default();
-        let mut tx = self.pool.begin().await?;
-
-        // Attempted jobs that neither transition nor import still count.
-        let covered: HashSet<JobId> = c
-            .transitions
-            .iter()
-            .map(|t| t.job_id)
-            .chain(c.imports.iter().flat_map(|i| i.job_ids.iter().copied()))
-            .collect();
-        let count_only: Vec<i64> = attempted
-            .iter()
-            .copied()
-            .filter(|id| !covered.contains(id))
-            .collect();
-        if !count_only.is_empty() {
-            sqlx::query(sql::COUNT_ATTEMPT_ONLY)
-                .bind(&count_only)
-                .bind(&c.owner)
-                .bind(now.0)
-                .execute(&mut *tx)
-                .await?;
-        }
-
-        if !c.imports.is_empty() {
-            let batch_ids: Vec<&str> = c.imports.iter().map(|i| i.batch_id.as_str()).collect();
-            let counts: Vec<i64> = c.imports.iter().map(|i| i.job_ids.len() as i64).collect();
-            let next_polls: Vec<i64> = c.imports.iter().map(|i| i.next_poll_at.0).collect();
-            let deadlines: Vec<i64> = c.imports.iter().map(|i| i.deadline_at.0).collect();
-            let mut import_ids: Vec<i64> = sqlx::query_scalar(sql::INSERT_IMPORTS)
-                .bind(&c.destination_id)
-                .bind(&c.owner)
-                .bind(c.import_lease_until.0)
-                .bind(now.0)
-                .bind(&batch_ids)
-                .bind(contexts)
-                .bind(&counts)
-                .bind(&next_polls)
-                .bind(&deadlines)
-                .fetch_all(&mut *tx)
-                .await?;
-            import_ids.sort_unstable();
-            if import_ids.len() != c.imports.len() {
-                return Err(sqlx::Error::Protocol(format!(
-                    "created {} imports for {} requested",
-                    import_ids.len(),
-                    c.imports.len()
-                )));
-            }
-            // One entry per job: a job named twice is rejected the second time.
-            let mut seen = HashSet::new();
-            let (mut ids, mut owners, mut flags, mut repeated) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for (imp, import_id) in c.imports.iter().zip(&import_ids) {
-                for id in &imp.job_ids {
-                    if seen.insert(*id) {
-                        ids.push(*id);
-                        owners.push(*import_id);
-                        flags.push(i32::from(attempted.contains(id)));
-                    } else {
-                        repeated.push(*id);
-                    }
-                }
-            }
-            let moved: HashSet<i64> = sqlx::query_scalar(sql::MOVE_TO_IMPORTING)
-                .bind(&ids)
-                .bind(&c.owner)
-                .bind(now.0)
-                .bind(&owners)
-                .bind(&flags)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
-            let mut fix_ids = Vec::new();
-            let mut fix_counts = Vec::new();
-            let mut seen = HashSet::new();
-            for (imp, import_id) in c.imports.iter().zip(&import_ids) {
-                let mut n = 0i64;
-                for id in &imp.job_ids {
-                    if seen.insert(*id) && moved.contains(id) {
-                        report.applied += 1;
-                        n += 1;
-                    } else {
-                        report.rejected.push(*id);
-                    }
-                }
-                if n != imp.job_ids.len() as i64 {
-                    fix_ids.push(*import_id);
-                    fix_counts.push(n);
-                }
-            }
-            debug_assert!(repeated.iter().all(|id| report.rejected.contains(id)));
-            if !fix_ids.is_empty() {
-                sqlx::query(sql::FIX_IMPORT_COUNTS)
-                    .bind(&fix_ids)
-                    .bind(&fix_counts)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            report.import_ids = import_ids;
-        }
-
-        let arrays = TransitionArrays::new(&c.transitions, &attempted, now);
-        let written = apply_transitions(&mut tx, Fence::Executing(&c.owner), &arrays, now).await?;
-        report = report_of(&arrays, &written, report);
-
-        if let Some(slot) = c.slot {
-            sqlx::query(sql::RELEASE_SLOT)
-                .bind(slot)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(report)
-    }
-
-    async fn finish_once(
-        &self,
-        f: &ImportFinish,
-        arrays: &TransitionArrays,
-    ) -> Result<CommitReport, sqlx::Error> {
-        let (s, fl, a) = f.outcome_counts();
-        let (code, message) = match &f.error {
-            Some(e) => (Some(e.code.as_str()), Some(rows::storable(&e.message))),
-            None => (None, None),
-        };
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(sql::FINISH_IMPORT)
-            .bind(f.import_id)
-            .bind(&f.owner)
-            .bind(f.state.as_str())
-            .bind(s)
-            .bind(fl)
-            .bind(a)
-            .bind(code)
-            .bind(message)
-            .bind(f.now.0)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        if n != 1 {
-            // Lease lost: another daemon owns this import now.
-            tx.rollback().await?;
-            return Ok(CommitReport {
-                rejected: f.transitions.iter().map(|t| t.job_id).collect(),
-                ..CommitReport::default()
-            });
-        }
-        let written =
-            apply_transitions(&mut tx, Fence::Importing(f.import_id), arrays, f.now).await?;
-        tx.commit().await?;
-        Ok(report_of(arrays, &written, CommitReport::default()))
-    }
-
-    async fn slot_once(
-        &self,
-        destination_id: &str,
-        owner: &str,
-        max: u32,
-        now: Timestamp,
-        lease_until: Timestamp,
-    ) -> Result<Option<SlotId>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(sql::ENSURE_DESTINATION)
-            .bind(destination_id)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::LOCK_DESTINATION)
-            .bind(destination_id)
-            .execute(&mut *tx)
-            .await?;
-        let slot: Option<i64> = sqlx::query_scalar(sql::TAKE_SLOT)
-            .bind(destination_id)
-            .bind(now.0)
-            .bind(owner)
-            .bind(lease_until.0)
-            .bind(i64::from(max))
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(slot)
-    }
-
-    async fn reclaim(&self, now: Timestamp) -> Result<RecoveryReport, sqlx::Error> {
-        // Three short statements rather than one transaction: each is atomic
-        // on its own and holds its locks no longer than it runs.
-        let jobs = sqlx::query(sql::RECLAIM_JOBS)
-            .bind(now.0)
-            .execute(&self.pool)
-            .await?;
-        let imports = sqlx::query(sql::RECLAIM_IMPORTS)
-            .bind(now.0)
-            .execute(&self.pool)
-            .await?;
-        let slots = sqlx::query(sql::RECLAIM_SLOTS)
-            .bind(now.0)
-            .execute(&self.pool)
-            .await?;
-        Ok(RecoveryReport {
-            jobs_released: jobs.rows_affected(),
-            imports_released: imports.rows_affected(),
-            slots_released: slots.rows_affected(),
+                .iter()
+                .map(decode)
+                .collect()
         })
+        .await
     }
-}
 
-/// Which jobs a transition may touch: those still held in the expected state.
-#[derive(Clone, Copy)]
-enum Fence<'a> {
-    /// Claimed by this lease owner.
-    Executing(&'a str),
-    /// Importing under this import.
-    Importing(ImportId),
-}
-
-/// Writes a bulk fenced transition; answers the ids actually written.
-async fn apply_transitions(
-    conn: &mut PgConnection,
-    fence: Fence<'_>,
-    a: &TransitionArrays,
-    now: Timestamp,
-) -> Result<HashSet<i64>, sqlx::Error> {
-    if a.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let q = match fence {
-        Fence::Executing(owner) => {
-            sqlx::query_scalar(sql::TRANSITION_EXECUTING).bind(owner.to_string())
-        }
-        Fence::Importing(import_id) => {
-            sqlx::query_scalar(sql::TRANSITION_IMPORTING).bind(import_id)
-        }
-    };
-    let written: Vec<i64> = q
-        .bind(now.0)
-        .bind(&a.ids)
-        .bind(&a.states)
-        .bind(&a.codes)
-        .bind(&a.messages)
-        .bind(&a.notes)
-        .bind(&a.external_ids)
-        .bind(&a.next_attempt_at)
-        .bind(&a.completed_at)
-        .bind(&a.attempted)
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(written.into_iter().collect())
-}
-
-/// Adds a bulk transition's result to `report`, in the order given.
-fn report_of(
-    a: &TransitionArrays,
-    written: &HashSet<i64>,
-    mut report: CommitReport,
-) -> CommitReport {
-    for id in &a.ids {
-        if written.contains(id) {
-            report.applied += 1;
-        } else {
-            report.rejected.push(*id);
-        }
-    }
-    report.rejected.extend(a.repeated.iter().copied());
-    report
-}
-
-fn empty_counts() -> DestinationCounts {
-    DestinationCounts {
-        by_state: JobState::ALL.into_iter().map(|s| (s, 0)).collect(),
-        imports_in_flight: 0,
+    /// Reads the one row `statement` finds for the id `$1`, if there is one.
+    async fn by_id<T>(
+        &self,
+        op: &'static str,
+        statement: &'static str,
+        id: i64,
+        decode: fn(&PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Option<T>, StoreError> {
+        self.run(op, || async {
+            sqlx::query(statement)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| decode(&r))
+                .transpose()
+        })
+        .await
     }
 }
 
@@ -648,7 +288,7 @@ impl JobStore for PostgresStore {
         jobs: Vec<NewJob>,
         now: Timestamp,
     ) -> Result<Vec<Inserted>, StoreError> {
-        crate::validate_new_jobs(&jobs)?;
+        validate_new_jobs(&jobs)?;
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -664,22 +304,10 @@ impl JobStore for PostgresStore {
         now: Timestamp,
         lease_until: Timestamp,
     ) -> Result<Vec<Job>, StoreError> {
-        if limit_n == 0 {
-            return Ok(Vec::new());
-        }
+        let claim = Claim::new(destination_id, owner, limit_n, now, lease_until);
         let mut jobs = self
-            .run("claim_jobs", || async {
-                let rows = sqlx::query(sql::CLAIM_JOBS)
-                    .bind(destination_id)
-                    .bind(now.0)
-                    .bind(limit(limit_n))
-                    .bind(owner)
-                    .bind(lease_until.0)
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter()
-                    .map(|r| rows::job(destination_id, r))
-                    .collect::<Result<Vec<_>, _>>()
+            .claim_rows("claim_jobs", sql::CLAIM_JOBS, &claim, |r| {
+                rows::job(destination_id, r)
             })
             .await?;
         jobs.sort_unstable_by_key(|j| j.id);
@@ -695,15 +323,13 @@ impl JobStore for PostgresStore {
         if job_ids.is_empty() {
             return Ok(0);
         }
-        self.run("extend_job_leases", || async {
-            let r = sqlx::query(sql::EXTEND_JOB_LEASES)
-                .bind(job_ids)
-                .bind(owner)
-                .bind(lease_until.0)
-                .execute(&self.pool)
-                .await?;
-            Ok(r.rows_affected() as usize)
-        })
+        self.owned_update(
+            "extend_job_leases",
+            sql::EXTEND_JOB_LEASES,
+            job_ids,
+            owner,
+            lease_until,
+        )
         .await
     }
 
@@ -716,16 +342,8 @@ impl JobStore for PostgresStore {
         if job_ids.is_empty() {
             return Ok(0);
         }
-        self.run("release_jobs", || async {
-            let r = sqlx::query(sql::RELEASE_JOBS)
-                .bind(job_ids)
-                .bind(owner)
-                .bind(now.0)
-                .execute(&self.pool)
-                .await?;
-            Ok(r.rows_affected() as usize)
-        })
-        .await
+        self.owned_update("release_jobs", sql::RELEASE_JOBS, job_ids, owner, now)
+            .await
     }
 
     async fn transition_executing(
@@ -749,8 +367,28 @@ impl JobStore for PostgresStore {
         now: Timestamp,
         lease_until: Timestamp,
     ) -> Result<Option<SlotId>, StoreError> {
-        self.run("acquire_upload_slot", || {
-            self.slot_once(destination_id, owner, max, now, lease_until)
+        // Under the destination's row lock, so the count holds across daemons.
+        self.run("acquire_upload_slot", || async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(sql::ENSURE_DESTINATION)
+                .bind(destination_id)
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(sql::LOCK_DESTINATION)
+                .bind(destination_id)
+                .execute(&mut *tx)
+                .await?;
+            let slot: Option<i64> = sqlx::query_scalar(sql::TAKE_SLOT)
+                .bind(destination_id)
+                .bind(now.0)
+                .bind(owner)
+                .bind(lease_until.0)
+                .bind(i64::from(max))
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(slot)
         })
         .await
     }
@@ -785,21 +423,14 @@ impl JobStore for PostgresStore {
         now: Timestamp,
         lease_until: Timestamp,
     ) -> Result<Vec<ImportRecord>, StoreError> {
-        if limit_n == 0 {
-            return Ok(Vec::new());
-        }
+        let claim = Claim::new(destination_id, owner, limit_n, now, lease_until);
         let mut out = self
-            .run("claim_due_imports", || async {
-                let rows = sqlx::query(sql::CLAIM_DUE_IMPORTS)
-                    .bind(owner)
-                    .bind(lease_until.0)
-                    .bind(destination_id)
-                    .bind(now.0)
-                    .bind(limit(limit_n))
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter().map(rows::import).collect::<Result<Vec<_>, _>>()
-            })
+            .claim_rows(
+                "claim_due_imports",
+                sql::CLAIM_DUE_IMPORTS,
+                &claim,
+                rows::import,
+            )
             .await?;
         out.sort_by_key(|i| (i.next_poll_at, i.id));
         Ok(out)
@@ -819,10 +450,8 @@ impl JobStore for PostgresStore {
     }
 
     async fn record_poll(&self, u: PollUpdate) -> Result<bool, StoreError> {
-        let (code, message) = match &u.poll_error {
-            Some(e) => (Some(e.code.as_str()), Some(rows::storable(&e.message))),
-            None => (None, None),
-        };
+        let (code, message) = error_columns(u.poll_error.as_ref());
+        let message = message.map(rows::storable);
         self.run("record_poll", || async {
             let r = sqlx::query(sql::RECORD_POLL)
                 .bind(u.import_id)
@@ -882,10 +511,11 @@ impl JobStore for PostgresStore {
                 .bind(r.lease_until.0)
                 .fetch_one(&self.pool)
                 .await?;
+            let [jobs, imports, slots] = rows::three_counts(&row)?;
             Ok(RenewReport {
-                jobs: row.try_get::<i64, _>(0)? as u64,
-                imports: row.try_get::<i64, _>(1)? as u64,
-                slots: row.try_get::<i64, _>(2)? as u64,
+                jobs,
+                imports,
+                slots,
             })
         })
         .await
@@ -913,11 +543,8 @@ impl JobStore for PostgresStore {
                 .bind(current)
                 .fetch_one(&self.pool)
                 .await?;
-            Ok(RecoveryReport {
-                jobs_released: row.try_get::<i64, _>(0)? as u64,
-                imports_released: row.try_get::<i64, _>(1)? as u64,
-                slots_released: row.try_get::<i64, _>(2)? as u64,
-            })
+            let [jobs, imports, slots] = rows::three_counts(&row)?;
+            Ok(recovery_report(jobs, imports, slots))
         })
         .await
     }
@@ -952,31 +579,13 @@ impl JobStore for PostgresStore {
     }
 
     async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        self.run("get_job", || async {
-            match sqlx::query(sql::GET_JOB)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?
-            {
-                Some(r) => rows::job_record(&r).map(Some),
-                None => Ok(None),
-            }
-        })
-        .await
+        self.by_id("get_job", sql::GET_JOB, id, rows::job_record)
+            .await
     }
 
     async fn get_import(&self, id: ImportId) -> Result<Option<ImportRecord>, StoreError> {
-        self.run("get_import", || async {
-            match sqlx::query(sql::GET_IMPORT)
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?
-            {
-                Some(r) => rows::import(&r).map(Some),
-                None => Ok(None),
-            }
-        })
-        .await
+        self.by_id("get_import", sql::GET_IMPORT, id, rows::import)
+            .await
     }
 
     async fn destination_counts(&self) -> Result<BTreeMap<String, DestinationCounts>, StoreError> {
@@ -1036,11 +645,7 @@ impl JobStore for PostgresStore {
         states: &[JobState],
         now: Timestamp,
     ) -> Result<u64, StoreError> {
-        let states: Vec<String> = states
-            .iter()
-            .filter(|s| matches!(s, JobState::Aborted | JobState::Failed))
-            .map(|s| s.as_str().to_string())
-            .collect();
+        let states = redrivable(states);
         if states.is_empty() {
             return Ok(0);
         }

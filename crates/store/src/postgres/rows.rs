@@ -2,12 +2,12 @@
 
 use std::collections::HashSet;
 
-use batchrouter_core::store::{
-    AttemptInfo, ImportRecord, ImportState, JobRecord, JobTransition, Transition,
-};
-use batchrouter_core::{ErrorCode, Job, JobError, JobId, JobState, Timestamp};
+use batchrouter_core::store::{AttemptInfo, ImportRecord, ImportState, JobRecord, JobTransition};
+use batchrouter_core::{Job, JobId, JobState, Timestamp};
 use sqlx::postgres::PgRow;
 use sqlx::Row;
+
+use crate::common::{error_of, shown_next_attempt, TransitionColumns};
 
 /// A decoding problem that is the data's fault, not the connection's.
 fn data_error(msg: String) -> sqlx::Error {
@@ -32,22 +32,16 @@ pub fn job(destination_id: &str, r: &PgRow) -> Result<Job, sqlx::Error> {
     })
 }
 
-fn error_of(code: Option<String>, message: Option<String>) -> Option<JobError> {
-    code.map(|c| JobError::new(ErrorCode::parse(&c), message.unwrap_or_default()))
-}
-
 /// A job for the API (`job_record_columns!`).
 pub fn job_record(r: &PgRow) -> Result<JobRecord, sqlx::Error> {
     let state: JobState = r.try_get::<String, _>(3)?.parse().map_err(data_error)?;
-    let next: i64 = r.try_get(5)?;
     Ok(JobRecord {
         id: r.try_get(0)?,
         destination_id: r.try_get(1)?,
         message_id: r.try_get(2)?,
         state,
         attempts: count(r.try_get(4)?),
-        next_attempt_at: matches!(state, JobState::Waiting | JobState::Failed)
-            .then_some(Timestamp(next)),
+        next_attempt_at: shown_next_attempt(state, r.try_get(5)?),
         error: error_of(r.try_get(6)?, r.try_get(7)?),
         note: r.try_get(8)?,
         external_id: r.try_get(9)?,
@@ -98,6 +92,12 @@ pub fn attempt_info(r: &PgRow) -> Result<AttemptInfo, sqlx::Error> {
     })
 }
 
+/// The three counts (jobs, imports, slots) a lease statement answers.
+pub fn three_counts(row: &PgRow) -> Result<[u64; 3], sqlx::Error> {
+    let n = |i: usize| -> Result<u64, sqlx::Error> { Ok(row.try_get::<i64, _>(i)?.max(0) as u64) };
+    Ok([n(0)?, n(1)?, n(2)?])
+}
+
 /// Column arrays of a bulk fenced transition (`transition_update!`), one
 /// entry per distinct job; a job named again is rejected up front, as a
 /// second write to the same job would be by the fence.
@@ -126,38 +126,15 @@ impl TransitionArrays {
                 a.repeated.push(t.job_id);
                 continue;
             }
-            let (state, error, note, external_id, next, completed) = match &t.to {
-                Transition::Succeeded { note, external_id } => (
-                    "succeeded",
-                    None,
-                    storable_opt(note),
-                    storable_opt(external_id),
-                    None,
-                    Some(now.0),
-                ),
-                Transition::Failed {
-                    error,
-                    next_attempt_at,
-                } => (
-                    "failed",
-                    Some(error),
-                    None,
-                    None,
-                    Some(next_attempt_at.0),
-                    None,
-                ),
-                Transition::Aborted { error } => {
-                    ("aborted", Some(error), None, None, None, Some(now.0))
-                }
-            };
+            let c = TransitionColumns::of(&t.to, now.0);
             a.ids.push(t.job_id);
-            a.states.push(state);
-            a.codes.push(error.map(|e| e.code.as_str()));
-            a.messages.push(error.map(|e| storable(&e.message)));
-            a.notes.push(note);
-            a.external_ids.push(external_id);
-            a.next_attempt_at.push(next);
-            a.completed_at.push(completed);
+            a.states.push(c.state.as_str());
+            a.codes.push(c.error.map(|e| e.code.as_str()));
+            a.messages.push(c.error.map(|e| storable(&e.message)));
+            a.notes.push(c.note.map(storable));
+            a.external_ids.push(c.external_id.map(storable));
+            a.next_attempt_at.push(c.next_attempt_at);
+            a.completed_at.push(c.completed_at);
             a.attempted.push(i32::from(attempted.contains(&t.job_id)));
         }
         a
@@ -177,8 +154,4 @@ pub fn storable(s: &str) -> String {
     } else {
         s.to_string()
     }
-}
-
-fn storable_opt(s: &Option<String>) -> Option<String> {
-    s.as_deref().map(storable)
 }

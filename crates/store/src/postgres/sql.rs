@@ -1,7 +1,9 @@
 //! Every statement the PostgreSQL store runs, in one place so their plans
 //! can be reviewed (and `EXPLAIN`ed in tests) together. Bulk statements take
 //! arrays (`= ANY($n)`, `UNNEST(...)`): one statement per call, never one
-//! per job. `jobs` is aliased `j` and `imports` `i` everywhere.
+//! per job. `jobs` is aliased `j` and `imports` `i` everywhere. The state
+//! words they quote are checked against `JobState::as_str()` and
+//! `ImportState::as_str()` by a test in `tests.rs`, so they cannot drift.
 
 /// Columns of an [`ImportRecord`](batchrouter_core::store::ImportRecord), in decode order.
 macro_rules! import_columns {
@@ -67,14 +69,14 @@ pub const EXISTING_BY_MESSAGE_ID: &str = "SELECT t.wanted, j.id \
 /// arrival order): rows another transaction is claiming are
 /// skipped, never waited for. The chosen ids are updated through the
 /// primary key (`= ANY(ARRAY(...))`), so the planner never joins them
-/// against a scan of the whole table. `$1` destination, `$2` now, `$3` limit,
-/// `$4` owner, `$5` lease expiry.
+/// against a scan of the whole table. `$1` owner, `$2` lease expiry, `$3`
+/// destination, `$4` now, `$5` limit (the order of every claim).
 pub const CLAIM_JOBS: &str = "WITH due AS ( \
          SELECT id FROM jobs \
-         WHERE destination_id = $1 AND state IN ('waiting', 'failed') AND next_attempt_at <= $2 \
-         ORDER BY next_attempt_at, id LIMIT $3 \
+         WHERE destination_id = $3 AND state IN ('waiting', 'failed') AND next_attempt_at <= $4 \
+         ORDER BY next_attempt_at, id LIMIT $5 \
          FOR UPDATE SKIP LOCKED) \
-     UPDATE jobs j SET state = 'executing', lease_owner = $4, lease_expires_at = $5, updated_at = $2 \
+     UPDATE jobs j SET state = 'executing', lease_owner = $1, lease_expires_at = $2, updated_at = $4 \
      WHERE j.id = ANY(ARRAY(SELECT id FROM due)) \
      RETURNING j.id, j.payload, j.message_id, j.attempts, j.retry_base, j.first_attempt_at, j.created_at";
 

@@ -1,7 +1,7 @@
 //! Plans of the hot statements: the claim and the due-import claim must
 //! walk their partial indexes in order (no sort, no scan of finished rows),
 //! both as custom plans and as the generic plans prepared statements
-//! settle on.
+//! settle on. Also: the state words the statements quote are contract words.
 
 use std::time::Duration;
 
@@ -134,9 +134,9 @@ async fn claims_walk_their_partial_indexes_in_order() {
         let claim = plan(
             &s,
             "claim",
-            "text, bigint, bigint, text, bigint",
+            "text, bigint, text, bigint, bigint",
             sql::CLAIM_JOBS,
-            &format!("'d', {now}, 1000, 'B', {}", now + 60_000),
+            &format!("'B', {}, 'd', {now}, 1000", now + 60_000),
             generic,
         )
         .await;
@@ -266,4 +266,50 @@ fn passwords_are_scrubbed_as_written_and_decoded() {
     let none = Secrets::new("postgres://u@h/db");
     assert_eq!(none.scrub("nothing to hide".into()), "nothing to hide");
     assert_eq!(percent_decode("a%41%zz%4"), "aA%zz%4");
+}
+
+#[test]
+fn quoted_state_words_are_the_contract_words() {
+    use super::sql::*;
+    let all = [
+        NEXT_JOB_IDS,
+        INSERT_JOBS,
+        EXISTING_BY_MESSAGE_ID,
+        CLAIM_JOBS,
+        EXTEND_JOB_LEASES,
+        RELEASE_JOBS,
+        TRANSITION_EXECUTING,
+        TRANSITION_IMPORTING,
+        COUNT_ATTEMPT_ONLY,
+        INSERT_IMPORTS,
+        MOVE_TO_IMPORTING,
+        FIX_IMPORT_COUNTS,
+        ENSURE_DESTINATION,
+        LOCK_DESTINATION,
+        TAKE_SLOT,
+        RELEASE_SLOT,
+        CLAIM_DUE_IMPORTS,
+        IMPORTING_JOBS,
+        RECORD_POLL,
+        FINISH_IMPORT,
+        NEXT_POLL_DUE,
+        RECLAIM_JOBS,
+        RECLAIM_IMPORTS,
+        RECLAIM_SLOTS,
+        GET_JOB,
+        GET_IMPORT,
+        COUNT_JOBS,
+        COUNT_IMPORTS,
+        RETRY_JOB,
+        REDRIVE,
+        SWEEP_JOBS,
+        SWEEP_IMPORTS,
+        PING,
+        RENEW_LEASES,
+        RELEASE_EARLIER_RUNS,
+        EXPIRE_JOBS,
+    ];
+    // Besides states: the id sequence and LIKE's escape character.
+    crate::common::assert_state_words(&all, &["jobs_id_seq", "\\"]);
+    crate::common::assert_state_words(super::schema::MIGRATIONS, &[""]);
 }

@@ -1,8 +1,14 @@
-//! SQLite schema and its migrations, applied in order at open.
+//! SQLite schema and its migrations, applied in order at open, and the
+//! connection settings (WAL, synchronous, cache) every open applies first.
 //!
 //! Times are integer milliseconds since the Unix epoch (UTC). Upstream
 //! systems may insert into `jobs` directly: only `destination_id` and
 //! `payload` are required; every other column has a default.
+
+use batchrouter_core::StoreError;
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::{backend, SqliteOptions};
 
 /// Ordered migrations; the database's `user_version` counts those applied.
 pub const MIGRATIONS: &[&str] = &[
@@ -72,3 +78,68 @@ CREATE TABLE upload_slots (
 CREATE INDEX upload_slots_destination ON upload_slots (destination_id);
 "#,
 ];
+
+/// Settings of the writer connection: busy timeout, WAL (required), sync
+/// level, page cache, statement cache.
+pub(super) fn configure(conn: &Connection, opts: &SqliteOptions) -> Result<(), StoreError> {
+    conn.busy_timeout(opts.busy_timeout).map_err(backend)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(backend)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "could not enable WAL mode (got {mode})"
+        )));
+    }
+    let sync = if opts.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY; \
+         PRAGMA cache_size=-{}; PRAGMA wal_autocheckpoint=4000;",
+        opts.writer_cache_kib
+    ))
+    .map_err(backend)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Applies the migrations the database lacks, each in its own transaction;
+/// a database newer than this build is refused.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {current} is newer than this batchrouterd understands ({known}); upgrade batchrouterd"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)
+            .map_err(backend)?;
+        tx.execute_batch(sql).map_err(backend)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(backend)?;
+        tx.commit().map_err(backend)?;
+        tracing::info!(version = i + 1, "Applied SQLite schema migration.");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use batchrouter_core::JobState;
+
+    #[test]
+    fn the_state_check_allows_every_job_state() {
+        let jobs = super::MIGRATIONS[0];
+        for s in JobState::ALL {
+            assert!(jobs.contains(&format!("'{}'", s.as_str())), "{s:?}");
+        }
+    }
+}

@@ -1374,6 +1374,8 @@ pub async fn unprocessed_jobs_expire_after_the_retention(s: Store) {
     assert_eq!(state_of(&s, e1[2]).await, JobState::Waiting);
 }
 
+/// Expands to one `#[tokio::test]` per conformance check, each run against a
+/// fresh store from `$factory`, so every backend runs the same suite.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:path) => {
