@@ -10,28 +10,33 @@
 //! `BatchRouter.<key>` (environment, then file); the built-in default.
 //!
 //! Loading validates everything it can without network I/O and reports
-//! every problem at once.
+//! every problem at once. The `[server]` section is read in `server.rs`,
+//! `[BatchRouter]` and `[[destinations]]` in `destinations.rs`.
 
+mod destinations;
 pub mod env;
 mod print;
+mod server;
 mod source;
 mod toml_text;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use batchrouter_core::destination::did_you_mean;
-use batchrouter_core::lookup::{parse_bytes, ConfigSource, KeyLookup};
+use batchrouter_core::lookup::{ConfigSource, KeyLookup};
 use batchrouter_core::secret::redact_urls_in;
 use batchrouter_core::{Destination, DestinationSettings, Registry, Secret};
 use batchrouter_router::settings::{self, IgnoredSetting, RouterSettings};
 use serde_json::{Map, Value};
 
+use destinations::{destination, flatten_router, global_only};
+
 pub use config::FileFormat;
 pub use env::{Env, MapEnv, OsEnv};
 pub use print::render_effective;
+pub use server::ServerConfig;
 pub use source::FileAndEnv;
 
 /// Every problem found in a config, listed together.
@@ -46,27 +51,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// `[server]`: the HTTP API.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// Address to listen on (port 0 picks a free port).
-    pub listen: SocketAddr,
-    /// Bearer token required on `/v1/*` when set.
-    pub auth_token: Option<Secret>,
-    /// Largest request body accepted.
-    pub max_body_bytes: u64,
-    /// Longest wait for a request's headers, counted from when the connection
-    /// starts waiting for a request (so idle keep-alive connections close too).
-    pub header_read_timeout: std::time::Duration,
-    /// Longest wait for a whole request body once its headers arrived.
-    pub body_read_timeout: std::time::Duration,
-    /// A connection with no request running and nothing read or written for
-    /// this long is closed (slow readers, stalled clients).
-    pub idle_timeout: std::time::Duration,
-    /// Most connections served at once; more wait to be accepted.
-    pub max_connections: usize,
 }
 
 /// `[store]`: where jobs live.
@@ -176,19 +160,8 @@ impl LoadedConfig {
 }
 
 const TOP_KEYS: &[&str] = &["server", "store", "logging", "BatchRouter", "destinations"];
-const SERVER_KEYS: &[&str] = &[
-    "listen",
-    "authToken",
-    "maxBodyBytes",
-    "headerReadTimeout",
-    "bodyReadTimeout",
-    "idleTimeout",
-    "maxConnections",
-];
 const STORE_KEYS: &[&str] = &["url", "stagingDir"];
 const LOGGING_KEYS: &[&str] = &["format", "level"];
-const DESTINATION_KEYS: &[&str] = &["id", "type", "enabled", "config", "router"];
-
 /// File formats, chosen by extension.
 fn format_for(path: &Path) -> Result<config::FileFormat, String> {
     match path
@@ -340,90 +313,7 @@ fn from_value(
     };
     check_keys("top level", root, TOP_KEYS, &mut problems);
 
-    // [server]
-    let server_t = table(root, "server", &mut problems).unwrap_or(&empty);
-    check_keys("[server]", server_t, SERVER_KEYS, &mut problems);
-    let listen = string_field(server_t, "server", "listen", &mut problems)
-        .unwrap_or_else(|| "127.0.0.1:8080".into());
-    let listen = listen.parse::<SocketAddr>().unwrap_or_else(|e| {
-        problems.push(format!(
-            "server.listen `{listen}` is not an address like 127.0.0.1:8080: {e}"
-        ));
-        SocketAddr::from(([127, 0, 0, 1], 8080))
-    });
-    let auth_token = string_field(server_t, "server", "authToken", &mut problems)
-        .filter(|t| !t.is_empty())
-        .map(Secret::new);
-    // HTTP drops whitespace around header values (RFC 9110 5.5), so such a
-    // token could never match a request: say so instead of locking out.
-    if auth_token
-        .as_ref()
-        .is_some_and(|t| t.expose().trim() != t.expose())
-    {
-        problems.push(
-            "server.authToken starts or ends with whitespace, which HTTP drops from the Authorization header; no request could match it"
-                .into(),
-        );
-    }
-    let max_body_bytes = match server_t.get("maxBodyBytes").map(scalar) {
-        None => 16 << 20,
-        Some(Some(v)) => parse_bytes(&v).unwrap_or_else(|e| {
-            problems.push(format!("server.maxBodyBytes: {e}"));
-            16 << 20
-        }),
-        Some(None) => {
-            problems.push("server.maxBodyBytes must be a size like \"16MiB\"".into());
-            16 << 20
-        }
-    };
-    const SERVER_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_millis(1);
-    const SERVER_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
-    let server_duration = |key: &str, default: u64, problems: &mut Vec<String>| {
-        let default = std::time::Duration::from_secs(default);
-        match server_t.get(key).map(scalar) {
-            None => default,
-            Some(Some(v)) => {
-                batchrouter_core::lookup::parse_duration(&v, std::time::Duration::from_secs(1))
-                    .and_then(|d| {
-                        // Bounded so deadlines built from it never overflow.
-                        if (SERVER_TIMEOUT_MIN..=SERVER_TIMEOUT_MAX).contains(&d) {
-                            Ok(d)
-                        } else {
-                            Err(format!("`{v}` is out of range: must be 1ms to 1h"))
-                        }
-                    })
-                    .unwrap_or_else(|e| {
-                        problems.push(format!("server.{key}: {e}"));
-                        default
-                    })
-            }
-            Some(None) => {
-                problems.push(format!("server.{key} must be a duration like \"10s\""));
-                default
-            }
-        }
-    };
-    let header_read_timeout = server_duration("headerReadTimeout", 10, &mut problems);
-    let body_read_timeout = server_duration("bodyReadTimeout", 30, &mut problems);
-    let idle_timeout = server_duration("idleTimeout", 60, &mut problems);
-    let max_connections = match server_t.get("maxConnections").map(scalar) {
-        None => 1024,
-        Some(Some(v)) => match batchrouter_core::lookup::parse_count(&v) {
-            Ok(n) if (1..=1_000_000).contains(&n) => n as usize,
-            Ok(_) => {
-                problems.push("server.maxConnections must be 1 to 1000000".into());
-                1024
-            }
-            Err(e) => {
-                problems.push(format!("server.maxConnections: {e}"));
-                1024
-            }
-        },
-        Some(None) => {
-            problems.push("server.maxConnections must be a number".into());
-            1024
-        }
-    };
+    let server = server::parse(root, &mut problems);
 
     // [store]
     let store_t = table(root, "store", &mut problems).unwrap_or(&empty);
@@ -524,15 +414,7 @@ fn from_value(
     }
     Ok(LoadedConfig {
         path: None,
-        server: ServerConfig {
-            listen,
-            auth_token,
-            max_body_bytes,
-            header_read_timeout,
-            body_read_timeout,
-            idle_timeout,
-            max_connections,
-        },
+        server,
         store: StoreConfig {
             url: Secret::new(url),
             staging_dir,
@@ -543,222 +425,4 @@ fn from_value(
         source,
         ignored,
     })
-}
-
-/// The problem for a store-wide key set per type or per destination.
-fn global_only(key: &str, at: &str) -> String {
-    format!("{key} is set in {at} but is global-only (it applies to the whole store): set it in [BatchRouter]")
-}
-
-fn flatten_router(
-    br: &Map<String, Value>,
-    known_types: &[&str],
-    key_names: &[&str],
-    out: &mut BTreeMap<String, String>,
-    problems: &mut Vec<String>,
-) {
-    for (k, v) in br {
-        match v {
-            Value::Object(_) if settings::is_ignored_prefix(k) => {
-                ignored_table("BatchRouter", k, v, key_names, out, problems)
-            }
-            Value::Object(per_type) => {
-                if !known_types.contains(&k.as_str()) {
-                    let hint = did_you_mean(k, known_types)
-                        .map(|s| format!(" (did you mean `{s}`?)"))
-                        .unwrap_or_else(|| format!(" (known types: {})", known_types.join(", ")));
-                    problems.push(format!("[BatchRouter.{k}]: not a destination type{hint}"));
-                    continue;
-                }
-                for (k2, v2) in per_type {
-                    if v2.is_object() && settings::is_ignored_prefix(k2) {
-                        let prefix = format!("BatchRouter.{k}");
-                        ignored_table(&prefix, k2, v2, key_names, out, problems);
-                        continue;
-                    }
-                    if settings::GLOBAL_ONLY_KEYS.contains(&k2.as_str()) {
-                        problems.push(global_only(k2, &format!("[BatchRouter.{k}]")));
-                        continue;
-                    }
-                    router_key(
-                        &format!("BatchRouter.{k}"),
-                        k2,
-                        v2,
-                        key_names,
-                        out,
-                        problems,
-                    );
-                }
-            }
-            _ => router_key("BatchRouter", k, v, key_names, out, problems),
-        }
-    }
-}
-
-/// A table of dotted RudderStack keys we ignore (`[BatchRouter.Limiter.read]`):
-/// each leaf is kept under its dotted name so the startup warning names it.
-fn ignored_table(
-    prefix: &str,
-    name: &str,
-    v: &Value,
-    key_names: &[&str],
-    out: &mut BTreeMap<String, String>,
-    problems: &mut Vec<String>,
-) {
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                ignored_table(prefix, &format!("{name}.{k}"), v, key_names, out, problems);
-            }
-        }
-        _ => router_key(prefix, name, v, key_names, out, problems),
-    }
-}
-
-fn router_key(
-    prefix: &str,
-    key: &str,
-    v: &Value,
-    key_names: &[&str],
-    out: &mut BTreeMap<String, String>,
-    problems: &mut Vec<String>,
-) {
-    // RudderStack keys we do not use are accepted (and warned about).
-    if !key_names.contains(&key) && settings::ignored_key(key).is_none() {
-        let hint = did_you_mean(key, key_names)
-            .map(|s| format!(" (did you mean `{s}`?)"))
-            .unwrap_or_default();
-        problems.push(format!("[{prefix}]: unknown router key `{key}`{hint}"));
-        return;
-    }
-    match scalar(v) {
-        Some(s) => {
-            out.insert(format!("{prefix}.{key}"), s);
-        }
-        None => problems.push(format!("[{prefix}] {key} must be a number or a string")),
-    }
-}
-
-/// One `[[destinations]]` entry: its id when it has a usable one, and the
-/// spec when its type also validated its config.
-fn destination(
-    index: usize,
-    item: &Value,
-    registry: &Registry,
-    key_names: &[&str],
-    source: &FileAndEnv,
-    problems: &mut Vec<String>,
-) -> Option<(String, Option<DestinationSpec>)> {
-    let known_types = registry.names();
-    let Value::Object(map) = item else {
-        problems.push(format!("destinations[{index}] must be a table"));
-        return None;
-    };
-    let label = map
-        .get("id")
-        .and_then(Value::as_str)
-        .map(|id| format!("destination `{id}`"))
-        .unwrap_or_else(|| format!("destinations[{index}]"));
-    check_keys(&label, map, DESTINATION_KEYS, problems);
-    let id = match map.get("id").and_then(Value::as_str) {
-        Some(id) if valid_id(id) => id.to_string(),
-        Some(id) => {
-            problems.push(format!("{label}: id `{id}` may only use letters, digits, `-`, `_` and `.` (1–128 characters)"));
-            return None;
-        }
-        None => {
-            problems.push(format!("{label}: `id` is required"));
-            return None;
-        }
-    };
-    let destination = match map.get("type").and_then(Value::as_str) {
-        Some(t) if registry.find(t).is_some() => registry.find(t)?,
-        Some(t) => {
-            let hint = did_you_mean(t, &known_types)
-                .map(|s| format!("did you mean `{s}`? "))
-                .unwrap_or_default();
-            problems.push(format!(
-                "{label}: unknown type `{t}` ({hint}known types: {})",
-                known_types.join(", ")
-            ));
-            return None;
-        }
-        None => {
-            problems.push(format!(
-                "{label}: `type` is required (one of {})",
-                known_types.join(", ")
-            ));
-            return None;
-        }
-    };
-    let kind = destination.name().to_string();
-    let enabled = match map.get("enabled") {
-        None => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            problems.push(format!("{label}: `enabled` must be true or false"));
-            true
-        }
-    };
-    let config = map
-        .get("config")
-        .cloned()
-        .unwrap_or(Value::Object(Map::new()));
-    let mut router = BTreeMap::new();
-    match map.get("router") {
-        None => {}
-        Some(Value::Object(r)) => {
-            for (k, v) in r {
-                let mut one = BTreeMap::new();
-                router_key(
-                    &format!("{label} router"),
-                    k,
-                    v,
-                    key_names,
-                    &mut one,
-                    problems,
-                );
-                if let Some(val) = one.into_values().next() {
-                    router.insert(k.clone(), val);
-                }
-            }
-        }
-        Some(_) => problems.push(format!("{label}: `router` must be a table")),
-    }
-    let settings = match RouterSettings::resolve(&KeyLookup::new(source, &kind, &router)) {
-        Ok(s) => s,
-        Err(e) => {
-            problems.extend(e.0.into_iter().map(|p| format!("{label}: {p}")));
-            RouterSettings::default()
-        }
-    };
-    // Validation only: managers are built once, by `run`.
-    let validated = match destination.validate(&config) {
-        Ok(v) => v,
-        Err(p) => {
-            problems.extend(p.0.into_iter().map(|p| format!("{label} config: {p}")));
-            return Some((id, None));
-        }
-    };
-    Some((
-        id.clone(),
-        Some(DestinationSpec {
-            id,
-            kind,
-            enabled,
-            config,
-            destination,
-            validated,
-            router,
-            settings,
-        }),
-    ))
-}
-
-/// Destination ids appear in paths, metrics and URLs: keep them simple.
-fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }

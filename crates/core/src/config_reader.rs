@@ -219,31 +219,32 @@ impl<'a> ConfigReader<'a> {
 
     /// A whole number within `min..=max` (numbers, or strings like `"10_000"`).
     pub fn count(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
-        let n = match self.raw(key)? {
-            Value::Number(n) if n.as_u64().is_some() => n.as_u64()?,
-            Value::String(s) => match parse_count(s) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.push(format!("`{key}`: {e}"));
-                    return None;
-                }
-            },
-            other => {
-                let kind = json_kind(other);
-                self.push(format!(
-                    "`{key}` must be a non-negative integer, not {kind}"
-                ));
-                return None;
-            }
-        };
-        self.within(key, n, min, max)
+        self.amount(key, min, max, parse_count, "a non-negative integer")
     }
 
     /// A byte size within `min..=max` (`32MB`, `512KiB`, or a number of bytes).
     pub fn bytes(&mut self, key: &str, min: u64, max: u64) -> Option<u64> {
+        self.amount(
+            key,
+            min,
+            max,
+            parse_bytes,
+            "a byte size (e.g. 100KB or 100000)",
+        )
+    }
+
+    /// A non-negative integer given as a number or as a string `parse` reads.
+    fn amount(
+        &mut self,
+        key: &str,
+        min: u64,
+        max: u64,
+        parse: fn(&str) -> Result<u64, String>,
+        expected: &str,
+    ) -> Option<u64> {
         let n = match self.raw(key)? {
             Value::Number(n) if n.as_u64().is_some() => n.as_u64()?,
-            Value::String(s) => match parse_bytes(s) {
+            Value::String(s) => match parse(s) {
                 Ok(n) => n,
                 Err(e) => {
                     self.push(format!("`{key}`: {e}"));
@@ -252,9 +253,7 @@ impl<'a> ConfigReader<'a> {
             },
             other => {
                 let kind = json_kind(other);
-                self.push(format!(
-                    "`{key}` must be a byte size (e.g. 100KB or 100000), not {kind}"
-                ));
+                self.push(format!("`{key}` must be {expected}, not {kind}"));
                 return None;
             }
         };
@@ -367,6 +366,33 @@ mod tests {
 
     fn reader(v: Value) -> ConfigReader<'static> {
         ConfigReader::new(&v, KEYS)
+    }
+
+    #[test]
+    fn counts_and_byte_sizes_read_numbers_and_text_and_name_bad_values() {
+        let mut r = reader(json!({
+            "a": 7, "b": "10_000", "c": "2KiB", "d": true, "e": [1], "f": "x", "g": 9
+        }));
+        assert_eq!(r.count("a", 0, 10), Some(7));
+        assert_eq!(r.count("b", 0, 20_000), Some(10_000));
+        assert_eq!(r.bytes("c", 0, 1 << 20), Some(2048));
+        assert_eq!(r.bytes("a", 0, 10), Some(7));
+        assert_eq!(r.count("d", 0, 10), None);
+        assert_eq!(r.bytes("e", 0, 10), None);
+        assert_eq!(r.count("f", 0, 10), None);
+        assert_eq!(r.count("g", 0, 5), None);
+        let problems = r.finish().unwrap_err().0;
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(
+            problems[0],
+            "`d` must be a non-negative integer, not a boolean"
+        );
+        assert_eq!(
+            problems[1],
+            "`e` must be a byte size (e.g. 100KB or 100000), not a list"
+        );
+        assert!(problems[2].starts_with("`f`: "), "{}", problems[2]);
+        assert_eq!(problems[3], "`g` = 9 is more than the 5 allowed");
     }
 
     #[test]

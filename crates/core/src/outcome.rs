@@ -94,36 +94,35 @@ pub struct UploadOutput {
 }
 
 impl UploadOutput {
+    /// Every job gets the same outcome.
+    pub fn all(job_ids: &[JobId], outcome: &Outcome) -> Self {
+        let mut out = UploadOutput::default();
+        out.push_all(job_ids, outcome);
+        out
+    }
+
     /// Every job succeeded (fire-and-forget delivery).
     pub fn all_succeeded(job_ids: &[JobId]) -> Self {
-        UploadOutput {
-            outcomes: job_ids
-                .iter()
-                .map(|&id| (id, Outcome::succeeded()))
-                .collect(),
-            ..Default::default()
-        }
+        Self::all(job_ids, &Outcome::succeeded())
     }
 
     /// Every job failed (retryable) for the same reason.
     pub fn all_failed(job_ids: &[JobId], error: JobError) -> Self {
-        UploadOutput {
-            outcomes: job_ids
-                .iter()
-                .map(|&id| (id, Outcome::Failed(error.clone())))
-                .collect(),
-            ..Default::default()
-        }
+        Self::all(job_ids, &Outcome::Failed(error))
     }
 
     /// Every job gets the outcome of one classified error.
     pub fn all_from_error(job_ids: &[JobId], error: &DestinationError) -> Self {
-        let outcome = Outcome::from_destination_error(error);
         UploadOutput {
-            outcomes: job_ids.iter().map(|&id| (id, outcome.clone())).collect(),
             retry_after: error.retry_after(),
-            ..Default::default()
+            ..Self::all(job_ids, &Outcome::from_destination_error(error))
         }
+    }
+
+    /// Adds jobs that share one outcome.
+    pub fn push_all(&mut self, job_ids: &[JobId], outcome: &Outcome) {
+        self.outcomes
+            .extend(job_ids.iter().map(|&id| (id, outcome.clone())));
     }
 
     /// Adds one decided job.

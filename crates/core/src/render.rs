@@ -2,6 +2,7 @@
 //! no destination writes `1e+06`, `<nil>` or Go-style maps into a user's file.
 
 use std::borrow::Cow;
+use std::io::{self, Write};
 
 use serde_json::Value;
 
@@ -48,6 +49,28 @@ pub fn excerpt(body: &str, max_chars: usize) -> String {
     } else {
         let cut: String = flat.chars().take(max_chars).collect();
         format!("{cut}…")
+    }
+}
+
+/// Passes writes on and counts the bytes accepted, so a destination knows
+/// the size of a file as actually written (and can check its estimate).
+#[derive(Debug)]
+pub struct CountingWriter<W> {
+    /// Where the bytes go.
+    pub inner: W,
+    /// Bytes `inner` accepted so far.
+    pub bytes: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -1,26 +1,31 @@
 //! The HTTP API: job intake, job and import status, per-destination counts,
-//! the dead-letter pair (retry, redrive), metrics and health.
+//! the dead-letter pair (retry, redrive), metrics and health. This file
+//! holds the routes, shared state, errors and auth; the handlers for jobs
+//! and imports are in `api/jobs.rs`, for destinations in
+//! `api/destinations.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use batchrouter_core::store::{ImportRecord, JobRecord, RetryResult};
-use batchrouter_core::{JobError, JobState, JobStore, NewJob, Secret, StoreError, Timestamp};
-use batchrouter_router::events::JobsReceived;
+use batchrouter_core::{JobStore, Secret, StoreError, Timestamp};
 use batchrouter_router::{Metrics, RouterHandle};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::readiness::Readiness;
+
+mod destinations;
+mod jobs;
+
+use destinations::{list_destinations, redrive, retry_job};
+use jobs::{get_import, get_job, submit_jobs};
 
 /// A configured destination as the API knows it.
 #[derive(Clone, Debug)]
@@ -253,209 +258,6 @@ fn rfc3339(t: Timestamp) -> String {
         .unwrap_or_default()
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct JobIn {
-    destination_id: String,
-    payload: Box<RawValue>,
-    #[serde(default)]
-    message_id: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope {
-    jobs: Vec<JobIn>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Accepted {
-    job_id: i64,
-    status_url: String,
-    duplicate: bool,
-}
-
-async fn read_body(
-    st: &ApiState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<axum::body::Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body is larger than {} bytes", st.max_body_bytes),
-        )
-    };
-    let too_slow = || {
-        let mut e = ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the request body did not arrive within {:?}",
-                st.body_read_timeout
-            ),
-        );
-        e.close = true;
-        e
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > st.max_body_bytes as u64) {
-        return Err(too_large());
-    }
-    match tokio::time::timeout(st.body_read_timeout, to_bytes(body, st.max_body_bytes)).await {
-        Err(_) => Err(too_slow()),
-        Ok(r) => r.map_err(|_| too_large()),
-    }
-}
-
-fn parse_jobs(headers: &HeaderMap, body: &[u8]) -> Result<Vec<JobIn>, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let text =
-        std::str::from_utf8(body).map_err(|_| ApiError::malformed("request body is not UTF-8"))?;
-    let jobs = if ct == "application/x-ndjson" || ct == "application/jsonl" {
-        let mut jobs = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let job: JobIn = serde_json::from_str(line)
-                .map_err(|e| ApiError::malformed(format!("line {}: {e}", i + 1)))?;
-            jobs.push(job);
-        }
-        jobs
-    } else {
-        serde_json::from_str::<Envelope>(text)
-            .map_err(|e| {
-                ApiError::malformed(format!("body is not a {{\"jobs\": [...]}} envelope: {e}"))
-            })?
-            .jobs
-    };
-    if jobs.is_empty() {
-        return Err(ApiError::malformed("no jobs in the request"));
-    }
-    Ok(jobs)
-}
-
-async fn submit_jobs(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let bytes = read_body(&st, &headers, body).await?;
-    let jobs = parse_jobs(&headers, &bytes)?;
-    let mut new_jobs = Vec::with_capacity(jobs.len());
-    for (i, j) in jobs.into_iter().enumerate() {
-        if !st.destinations.contains_key(&j.destination_id) {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "unknown_destination",
-                format!(
-                    "job {}: destination `{}` is not configured",
-                    i + 1,
-                    j.destination_id
-                ),
-            ));
-        }
-        let job = NewJob {
-            destination_id: j.destination_id,
-            payload: j.payload.get().to_string(),
-            message_id: j.message_id,
-        };
-        job.validate()
-            .map_err(|e| ApiError::malformed(format!("job {}: {e}", i + 1)))?;
-        new_jobs.push(job);
-    }
-    let dests: Vec<String> = new_jobs.iter().map(|j| j.destination_id.clone()).collect();
-    let inserted = st
-        .store
-        .insert_jobs(new_jobs, Timestamp::now())
-        .await
-        .map_err(ApiError::store)?;
-    let mut fresh: BTreeMap<&str, u64> = BTreeMap::new();
-    for (d, ins) in dests.iter().zip(&inserted) {
-        if !ins.duplicate {
-            *fresh.entry(d.as_str()).or_default() += 1;
-        }
-    }
-    for (d, n) in &fresh {
-        let kind = st
-            .destinations
-            .get(*d)
-            .map(|i| i.kind.as_str())
-            .unwrap_or("");
-        JobsReceived {
-            destination_id: d,
-            destination_type: kind,
-            count: *n,
-        }
-        .emit(&st.metrics);
-        st.router.wake(d);
-    }
-    tracing::debug!(
-        jobs = inserted.len(),
-        new = fresh.values().sum::<u64>(),
-        "Jobs accepted."
-    );
-    let body = json!({
-        "status": "accepted",
-        "jobs": inserted.iter().map(|i| Accepted {
-            job_id: i.job_id,
-            status_url: format!("/v1/jobs/{}", i.job_id),
-            duplicate: i.duplicate,
-        }).collect::<Vec<_>>(),
-    });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
-}
-
-fn error_json(e: &JobError) -> Value {
-    json!({"code": e.code.as_str(), "message": e.message})
-}
-
-fn job_json(j: &JobRecord) -> Value {
-    let mut m = serde_json::Map::new();
-    m.insert("jobId".into(), json!(j.id));
-    m.insert("destinationId".into(), json!(j.destination_id));
-    m.insert("state".into(), json!(j.state.as_str()));
-    m.insert("attempts".into(), json!(j.attempts));
-    m.insert("createdAt".into(), json!(rfc3339(j.created_at)));
-    m.insert("updatedAt".into(), json!(rfc3339(j.updated_at)));
-    if let Some(mid) = &j.message_id {
-        m.insert("messageId".into(), json!(mid));
-    }
-    if let Some(t) = j.next_attempt_at {
-        m.insert("nextAttemptAt".into(), json!(rfc3339(t)));
-    }
-    if let Some(e) = &j.error {
-        m.insert("error".into(), error_json(e));
-    }
-    if let Some(n) = &j.note {
-        m.insert("note".into(), json!(n));
-    }
-    if let Some(x) = &j.external_id {
-        m.insert("externalId".into(), json!(x));
-    }
-    if let Some(i) = j.import_id {
-        m.insert("importId".into(), json!(i));
-    }
-    if let Some(t) = j.completed_at {
-        m.insert("completedAt".into(), json!(rfc3339(t)));
-    }
-    Value::Object(m)
-}
-
 /// Accepts canonical ids only (`1`, never `+1`, `01` or ` 1`), so one job
 /// has one URL.
 fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
@@ -465,169 +267,6 @@ fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
         .flatten()
         .filter(|id| *id > 0)
         .ok_or_else(|| ApiError::not_found(format!("no {what} `{raw}`")))
-}
-
-async fn get_job(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id, "job")?;
-    match st.store.get_job(id).await.map_err(ApiError::store)? {
-        Some(j) => Ok(Json(job_json(&j))),
-        None => Err(ApiError::not_found(format!("no job {id}"))),
-    }
-}
-
-fn import_json(i: &ImportRecord) -> Value {
-    let mut m = serde_json::Map::new();
-    m.insert("importId".into(), json!(i.id));
-    m.insert("destinationId".into(), json!(i.destination_id));
-    m.insert("batchId".into(), json!(i.batch_id));
-    m.insert("status".into(), json!(i.state.as_str()));
-    m.insert("progress".into(), json!(i.progress));
-    m.insert(
-        "counts".into(),
-        json!({
-            "total": i.job_count,
-            "succeeded": i.succeeded,
-            "failed": i.failed,
-            "aborted": i.aborted,
-        }),
-    );
-    m.insert("pollErrors".into(), json!(i.poll_errors));
-    m.insert("startedAt".into(), json!(rfc3339(i.started_at)));
-    m.insert("deadlineAt".into(), json!(rfc3339(i.deadline_at)));
-    if let Some(t) = i.completed_at {
-        m.insert("completedAt".into(), json!(rfc3339(t)));
-    } else {
-        m.insert("nextPollAt".into(), json!(rfc3339(i.next_poll_at)));
-    }
-    if let Some(e) = &i.error {
-        let key = if i.state.in_flight() {
-            "lastPollError"
-        } else {
-            "error"
-        };
-        m.insert(key.into(), error_json(e));
-    }
-    Value::Object(m)
-}
-
-async fn get_import(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id, "import")?;
-    match st.store.get_import(id).await.map_err(ApiError::store)? {
-        Some(i) => Ok(Json(import_json(&i))),
-        None => Err(ApiError::not_found(format!("no import {id}"))),
-    }
-}
-
-async fn list_destinations(State(st): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    let counts = st
-        .store
-        .destination_counts()
-        .await
-        .map_err(ApiError::store)?;
-    let list: Vec<Value> = st
-        .destinations
-        .iter()
-        .map(|(id, info)| {
-            let c = counts.get(id);
-            let by_state: serde_json::Map<String, Value> = JobState::ALL
-                .iter()
-                .map(|s| {
-                    let n = c.and_then(|c| c.by_state.get(s)).copied().unwrap_or(0);
-                    (s.as_str().to_string(), json!(n))
-                })
-                .collect();
-            json!({
-                "id": id,
-                "type": info.kind,
-                "enabled": info.enabled,
-                "counts": by_state,
-                "importsInFlight": c.map_or(0, |c| c.imports_in_flight),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "destinations": list })))
-}
-
-async fn retry_job(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id, "job")?;
-    match st
-        .store
-        .retry_job(id, Timestamp::now())
-        .await
-        .map_err(ApiError::store)?
-    {
-        RetryResult::Retried => {
-            if let Ok(Some(j)) = st.store.get_job(id).await {
-                st.router.wake(&j.destination_id);
-            }
-            tracing::info!(job_id = id, "Job re-driven through the API.");
-            Ok((StatusCode::ACCEPTED, Json(json!({"count": 1}))).into_response())
-        }
-        RetryResult::NotFound => Err(ApiError::not_found(format!("no job {id}"))),
-        RetryResult::Conflict(state) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("job {id} is {state}; only aborted or failed jobs can be retried"),
-        )),
-    }
-}
-
-async fn redrive(
-    State(st): State<ApiState>,
-    Path(id): Path<String>,
-    Query(q): Query<Vec<(String, String)>>,
-) -> Result<Response, ApiError> {
-    if !st.destinations.contains_key(&id) {
-        return Err(ApiError::not_found(format!(
-            "destination `{id}` is not configured"
-        )));
-    }
-    // `state` may repeat (`?state=aborted&state=failed`) or list states
-    // (`?state=aborted,failed`); both mean the union.
-    let mut asked = Vec::new();
-    for (key, value) in &q {
-        match key.as_str() {
-            "state" => asked.extend(value.split(',').map(str::trim)),
-            other => {
-                return Err(ApiError::malformed(format!(
-                    "unknown query parameter `{other}` (redrive takes `state`)"
-                )))
-            }
-        }
-    }
-    if asked.is_empty() {
-        asked.push("aborted");
-    }
-    let mut states = BTreeSet::new();
-    for s in asked {
-        match s {
-            "aborted" => states.insert(JobState::Aborted),
-            "failed" => states.insert(JobState::Failed),
-            other => {
-                return Err(ApiError::malformed(format!(
-                    "state `{other}` cannot be re-driven (use aborted, failed or aborted,failed)"
-                )))
-            }
-        };
-    }
-    let states: Vec<JobState> = states.into_iter().collect();
-    let n = st
-        .store
-        .redrive(&id, &states, Timestamp::now())
-        .await
-        .map_err(ApiError::store)?;
-    st.router.wake(&id);
-    tracing::info!(destination_id = %id, count = n, "Jobs re-driven through the API.");
-    Ok((StatusCode::ACCEPTED, Json(json!({"count": n}))).into_response())
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {

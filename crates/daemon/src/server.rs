@@ -3,7 +3,7 @@
 //! (which also closes idle keep-alive connections), an idle timeout (nothing
 //! read or written while no request runs: stalled readers and writers), a
 //! cap on connections served at once, and a graceful stop. The body-read
-//! timeout lives where bodies are read (`api::read_body`).
+//! timeout lives where bodies are read (`api::jobs::read_body`).
 
 use std::convert::Infallible;
 use std::io;

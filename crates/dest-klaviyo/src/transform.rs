@@ -2,6 +2,7 @@
 //! `profile` resource, checked for shape and size so a bad record is
 //! aborted alone with a clear reason instead of sinking a whole request.
 
+use batchrouter_core::destination::json_kind;
 use batchrouter_core::TransformError;
 use serde_json::{Map, Value};
 
@@ -220,14 +221,12 @@ fn wrong_type(key: &str, want: &str, got: &Value) -> TransformError {
     TransformError::new(format!("`{key}` must be {want}, not {}", kind(got)))
 }
 
+/// A payload value's kind for error messages: the config wording, except
+/// that a payload holds objects, not tables.
 fn kind(v: &Value) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
         Value::Object(_) => "an object",
+        other => json_kind(other),
     }
 }
 

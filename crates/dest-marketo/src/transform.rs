@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use batchrouter_core::destination::json_kind;
 use batchrouter_core::render::render_cell;
 use batchrouter_core::TransformError;
 use serde_json::{Map, Value};
@@ -104,14 +105,13 @@ pub fn normalise_key(value: &str) -> String {
     value.trim().to_lowercase()
 }
 
+/// A payload value's kind for error messages, in JSON's words (Marketo's
+/// docs speak of arrays and objects, not lists and tables).
 fn kind(v: &Value) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+        other => json_kind(other),
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{
-    DestinationError, ErrorCode, JobError, JobId, NewImport, Outcome, StagedBatch, UploadOutput,
+    DestinationError, ErrorCode, JobError, NewImport, Outcome, StagedBatch, UploadOutput,
 };
 use tempfile::TempPath;
 
@@ -177,7 +177,7 @@ async fn upload_batch_with(
                 out.note_retry_after(error.retry_after());
                 let reason = error.message().to_string();
                 let outcome = file_outcome(&error, part, parts);
-                push_all(&mut out, &file.job_ids, &outcome);
+                out.push_all(&file.job_ids, &outcome);
                 match &error {
                     DestinationError::Permanent { .. } if !account_wide => {
                         refused_files += 1;
@@ -238,21 +238,8 @@ fn file_outcome(error: &DestinationError, part: usize, parts: usize) -> Outcome 
     }
 }
 
-fn push_all(out: &mut UploadOutput, ids: &[JobId], outcome: &Outcome) {
-    out.outcomes
-        .extend(ids.iter().map(|&id| (id, outcome.clone())));
-}
-
 fn internal_failure(batch: &StagedBatch, reason: String) -> UploadOutput {
-    let outcome = Outcome::Failed(JobError::new(ErrorCode::Internal, reason));
-    UploadOutput {
-        outcomes: batch
-            .job_ids
-            .iter()
-            .map(|&id| (id, outcome.clone()))
-            .collect(),
-        ..Default::default()
-    }
+    UploadOutput::all_failed(&batch.job_ids, JobError::new(ErrorCode::Internal, reason))
 }
 
 #[cfg(test)]

@@ -88,24 +88,6 @@ pub(crate) fn ensure_dir(sftp: &Sftp, dir: &str) -> Result<(), SftpError> {
     }
 }
 
-/// Counts bytes acknowledged by the remote file.
-pub(crate) struct Counting<W> {
-    pub(crate) inner: W,
-    pub(crate) bytes: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Refuses more output once the upload is cancelled. It sits above the
 /// pipeline, so libssh2 is never left holding a half-sent request.
 pub(crate) struct StopOnCancel<'a, W> {

@@ -113,6 +113,27 @@ impl Lines {
         Ok(Some(&self.buf))
     }
 
+    /// Walks the next line's JSON object (false at end of file): `key` picks
+    /// the cell a field's value renders into, or `None` to skip the value.
+    fn next_object<F: FnMut(&str) -> Option<usize>>(
+        &mut self,
+        key: F,
+        cells: &mut [String],
+    ) -> Result<bool, RenderError> {
+        let Some(line) = self.next_line()? else {
+            return Ok(false);
+        };
+        let mut de = serde_json::Deserializer::from_slice(line);
+        ObjectFields { key, cells }
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| RenderError::BadLine {
+                line: self.count,
+                reason: e.to_string(),
+            })?;
+        Ok(true)
+    }
+
     fn finish(self, expected: usize) -> Result<(), RenderError> {
         if self.count == expected {
             Ok(())
@@ -149,16 +170,11 @@ pub fn csv_columns(
 ) -> Result<Vec<String>, RenderError> {
     let mut seen = ColumnSet::default();
     let mut lines = Lines::open(staged)?;
-    while let Some(line) = lines.next_line()? {
-        let mut de = serde_json::Deserializer::from_slice(line);
-        CollectKeys(&mut seen)
-            .deserialize(&mut de)
-            .and_then(|()| de.end())
-            .map_err(|e| RenderError::BadLine {
-                line: lines.count,
-                reason: e.to_string(),
-            })?;
-    }
+    let mut collect = |k: &str| {
+        seen.insert(k);
+        None
+    };
+    while lines.next_object(&mut collect, &mut [])? {}
     lines.finish(jobs)?;
 
     let mut columns: Vec<String> = rules.order.to_vec();
@@ -193,21 +209,13 @@ fn write_csv<W: Write>(staged: &Path, columns: &[String], out: &mut W) -> Result
     wtr.write_record(columns).map_err(csv_error)?;
     let mut cells: Vec<String> = vec![String::new(); columns.len()];
     let mut lines = Lines::open(staged)?;
-    while let Some(line) = lines.next_line()? {
+    loop {
         for c in cells.iter_mut() {
             c.clear();
         }
-        let mut de = serde_json::Deserializer::from_slice(line);
-        FillRow {
-            index: &index,
-            cells: &mut cells,
+        if !lines.next_object(|k| index.get(k).copied(), &mut cells)? {
+            break;
         }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| RenderError::BadLine {
-            line: lines.count,
-            reason: e.to_string(),
-        })?;
         wtr.write_record(&cells).map_err(csv_error)?;
     }
     wtr.flush().map_err(RenderError::Sink)?;
@@ -267,69 +275,26 @@ fn write_json_array<W: Write>(staged: &Path, jobs: usize, out: &mut W) -> Result
     out.write_all(end).map_err(RenderError::Sink)
 }
 
-/// Collects an object's keys into a [`ColumnSet`], skipping values.
-struct CollectKeys<'s>(&'s mut ColumnSet);
-
-impl<'de> DeserializeSeed<'de> for CollectKeys<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for CollectKeys<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
-        while map.next_key_seed(KeyInto(self.0))?.is_some() {
-            map.next_value::<IgnoredAny>()?;
-        }
-        Ok(())
-    }
-}
-
-struct KeyInto<'s>(&'s mut ColumnSet);
-
-impl<'de> DeserializeSeed<'de> for KeyInto<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyInto<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        self.0.insert(v);
-        Ok(())
-    }
-}
-
-/// Renders an object's values into the cells of their columns.
-struct FillRow<'s> {
-    index: &'s HashMap<&'s str, usize>,
+/// Visits an object's fields, rendering the ones `key` selects into `cells`.
+struct ObjectFields<'s, F> {
+    key: F,
     cells: &'s mut [String],
 }
 
-impl<'de> DeserializeSeed<'de> for FillRow<'_> {
+impl<'de, F: FnMut(&str) -> Option<usize>> DeserializeSeed<'de> for ObjectFields<'_, F> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for FillRow<'_> {
+impl<'de, F: FnMut(&str) -> Option<usize>> Visitor<'de> for ObjectFields<'_, F> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
-        while let Some(col) = map.next_key_seed(KeyIndex(self.index))? {
+    fn visit_map<M: MapAccess<'de>>(mut self, mut map: M) -> Result<(), M::Error> {
+        while let Some(col) = map.next_key_seed(FieldName(&mut self.key))? {
             match col {
                 Some(i) => {
                     let v: serde_json::Value = map.next_value()?;
@@ -344,22 +309,23 @@ impl<'de> Visitor<'de> for FillRow<'_> {
     }
 }
 
-struct KeyIndex<'s>(&'s HashMap<&'s str, usize>);
+/// Reads a field name as a borrowed `str` (no allocation) and maps it.
+struct FieldName<F>(F);
 
-impl<'de> DeserializeSeed<'de> for KeyIndex<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+impl<'de, T, F: FnOnce(&str) -> T> DeserializeSeed<'de> for FieldName<F> {
+    type Value = T;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for KeyIndex<'_> {
-    type Value = Option<usize>;
+impl<'de, T, F: FnOnce(&str) -> T> Visitor<'de> for FieldName<F> {
+    type Value = T;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a field name")
     }
-    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.get(v).copied())
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v))
     }
 }
 

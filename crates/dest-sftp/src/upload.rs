@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use batchrouter_core::render::CountingWriter;
 use batchrouter_core::{
     ConfigProblems, DestinationContext, DestinationTelemetry, ErrorCode, Job, JobError, Outcome,
     StagedBatch, Timestamp, TransformError, UploadOutput, Uploader,
@@ -21,7 +22,7 @@ use crate::config::{HostKeyPolicy, Settings};
 use crate::error::SftpError;
 use crate::path::parent;
 use crate::pipeline::Pipelined;
-use crate::remote::{ensure_dir, unlink_if_present, write_error, Counting, StopOnCancel};
+use crate::remote::{ensure_dir, unlink_if_present, write_error, StopOnCancel};
 use crate::rename::PosixRename;
 use crate::render::{render, ColumnRules, RenderError};
 use crate::strays::StrayParts;
@@ -185,14 +186,7 @@ impl Uploader for SftpUploader {
                     note: None,
                     external_id: Some(done.path),
                 };
-                UploadOutput {
-                    outcomes: batch
-                        .job_ids
-                        .iter()
-                        .map(|&id| (id, outcome.clone()))
-                        .collect(),
-                    ..Default::default()
-                }
+                UploadOutput::all(&batch.job_ids, &outcome)
             }
             Ok(Err(e)) => {
                 if e.is_permanent() {
@@ -240,18 +234,11 @@ impl Uploader for SftpUploader {
             }
             Err(join) => {
                 tracing::error!(destination_id = %s.destination_id, batch_id = %batch.batch_id, error = %join, "SFTP upload task panicked");
-                let outcome = Outcome::Failed(JobError::new(
+                let why = JobError::new(
                     ErrorCode::Internal,
                     format!("SFTP upload task failed: {join}"),
-                ));
-                UploadOutput {
-                    outcomes: batch
-                        .job_ids
-                        .iter()
-                        .map(|&id| (id, outcome.clone()))
-                        .collect(),
-                    ..Default::default()
-                }
+                );
+                UploadOutput::all_failed(&batch.job_ids, why)
             }
         }
     }
@@ -484,7 +471,7 @@ impl Shared {
             )
             .map_err(|e| SftpError::from_ssh("open", part, &e))?;
 
-        let counting = Counting {
+        let counting = CountingWriter {
             inner: &mut file,
             bytes: 0,
         };

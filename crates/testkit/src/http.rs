@@ -173,30 +173,8 @@ impl HttpStandIn {
             last_method: Mutex::new(String::new()),
             arrivals: Mutex::new(Vec::new()),
         });
-        let (stop, mut stopped) = watch::channel(false);
-        let st = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-                    _ = stopped.changed() => return,
-                };
-                let st = st.clone();
-                let mut stopped_conn = stopped.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { handle(st, req).await.map(crate::http::finish_answer) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stopped_conn.changed() => {}
-                    }
-                });
-            }
-        });
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(serve(listener, state.clone(), stopped, handle));
         HttpStandIn { addr, state, stop }
     }
 
@@ -426,6 +404,41 @@ fn json_response(status: u16, body: &str) -> Response<Full<Bytes>> {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
+}
+
+/// Accepts connections on `listener` until `stopped` flips, answering every
+/// request with `handle` (then [`finish_answer`]): the stand-ins' one loop.
+pub(crate) async fn serve<S, E, H, Fut>(
+    listener: TcpListener,
+    state: Arc<S>,
+    mut stopped: watch::Receiver<bool>,
+    handle: H,
+) where
+    S: Send + Sync + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+    H: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Full<Bytes>>, E>> + Send + 'static,
+{
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = stopped.changed() => return,
+        };
+        let st = state.clone();
+        let mut stopped_conn = stopped.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let st = st.clone();
+                async move { handle(st, req).await.map(finish_answer) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stopped_conn.changed() => {}
+            }
+        });
+    }
 }
 
 /// Marks a stand-in answer to be cut mid-body by [`finish_answer`].

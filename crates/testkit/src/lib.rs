@@ -47,3 +47,16 @@ pub fn skip_or_fail(test: &str, why: &str) {
         "\n*** SKIPPED {test}: {why}. Install the server or set {REQUIRE_REAL_SERVERS_ENV}=1 to make this a failure. ***\n"
     );
 }
+
+/// Whether this process runs as root (effective uid 0): the harnesses then
+/// drop privileges or use a dedicated account.
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}

@@ -277,17 +277,6 @@ fn password_of(url: &str) -> Option<String> {
     userinfo.split_once(':').map(|(_, pw)| pw.to_string())
 }
 
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn in_path(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -406,7 +395,7 @@ fn start_cluster(bin: &Path) -> Result<PgServer, String> {
         fastrand::u32(..)
     ));
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let as_postgres = is_root();
+    let as_postgres = crate::is_root();
     // Armed before anything starts, so a kill at any point cleans up.
     arm_cleanup(&dir, bin, as_postgres);
     if as_postgres {

@@ -4,10 +4,8 @@
 //! The planner decides whether a row still fits a file from byte counts
 //! alone, before anything is written, so the encoding and the arithmetic
 //! that predicts its size live side by side: change one, and the other is in
-//! view. [`CountingWriter`] measures what was actually written so the
+//! view. [`batchrouter_core::render::CountingWriter`] measures what was actually written so the
 //! prediction is checked against every file.
-
-use std::io::{self, Write};
 
 /// Appends `value` as an RFC 4180 field: quoted (with doubled quotes) when
 /// it holds a comma, quote, CR or LF, as is otherwise.
@@ -34,21 +32,4 @@ pub fn encode_cell(value: &str, out: &mut Vec<u8>) {
 /// `content_bytes`: every line has `cols - 1` commas and CRLF.
 pub(super) fn csv_size(names_bytes: u64, cols: u64, content_bytes: u64, rows: u64) -> u64 {
     (names_bytes + cols + 1) + content_bytes + rows * (cols + 1)
-}
-
-/// Passes writes on and counts their bytes: the size of a file as written.
-pub(super) struct CountingWriter<W> {
-    pub(super) inner: W,
-    pub(super) bytes: u64,
-}
-
-impl<W: Write> Write for CountingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }

@@ -12,10 +12,11 @@ use std::collections::HashSet;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use batchrouter_core::render::CountingWriter;
 use batchrouter_core::{ErrorCode, JobError, JobId, Outcome};
 
 use super::columns::Columns;
-use super::encoding::{csv_size, encode_cell, CountingWriter};
+use super::encoding::{csv_size, encode_cell};
 use super::row::Row;
 use super::row_file::RowFile;
 use super::{ImportFile, MAX_FILES_PER_UPLOAD};

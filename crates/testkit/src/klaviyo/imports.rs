@@ -102,22 +102,16 @@ pub(super) fn create(st: &State, body: &Bytes) -> Answer {
     for (i, p) in profiles.iter().enumerate() {
         let base = format!("{PROFILES_POINTER}/{i}");
         if p.get("type").and_then(Value::as_str) != Some("profile") {
-            errors.push(error_object(
-                400,
-                "invalid",
-                "Invalid input.",
+            errors.push(invalid_field(
                 "`type` must be `profile`.",
-                json!({"pointer": format!("{base}/type")}),
+                format!("{base}/type"),
             ));
             continue;
         }
         let Some(attrs) = p.get("attributes").filter(|a| a.is_object()) else {
-            errors.push(error_object(
-                400,
-                "invalid",
-                "Invalid input.",
+            errors.push(invalid_field(
                 "`attributes` must be an object.",
-                json!({"pointer": format!("{base}/attributes")}),
+                format!("{base}/attributes"),
             ));
             continue;
         };
@@ -125,49 +119,37 @@ pub(super) fn create(st: &State, body: &Bytes) -> Answer {
             .iter()
             .any(|k| attrs.get(*k).is_some_and(|v| !v.is_null()))
         {
-            errors.push(error_object(
-                400,
-                "invalid",
-                "Invalid input.",
+            errors.push(invalid_field(
                 "One of `email`, `phone_number` or `external_id` is required.",
-                json!({"pointer": format!("{base}/attributes")}),
+                format!("{base}/attributes"),
             ));
             continue;
         }
         let size = p.to_string().len();
         if size > st.opts.max_profile_bytes {
-            errors.push(error_object(
-                400,
-                "invalid",
-                "Invalid input.",
+            errors.push(invalid_field(
                 &format!(
                     "Profile is {size} bytes; a profile may be at most {} bytes.",
                     st.opts.max_profile_bytes
                 ),
-                json!({"pointer": base}),
+                base.clone(),
             ));
             continue;
         }
         if let Some(email) = attrs.get("email").and_then(Value::as_str) {
             if !email.contains('@') {
-                errors.push(error_object(
-                    400,
-                    "invalid",
-                    "Invalid input.",
+                errors.push(invalid_field(
                     &format!("Invalid email address: '{email}'."),
-                    json!({"pointer": format!("{base}/attributes/email")}),
+                    format!("{base}/attributes/email"),
                 ));
                 continue;
             }
         }
         for rule in &script.invalid {
             if let Some(v) = rule.hit(attrs) {
-                errors.push(error_object(
-                    400,
-                    "invalid",
-                    "Invalid input.",
+                errors.push(invalid_field(
                     &format!("Invalid {}: '{v}'.", rule.field),
-                    json!({"pointer": format!("{base}/attributes/{}", rule.field)}),
+                    format!("{base}/attributes/{}", rule.field),
                 ));
             }
         }
@@ -407,5 +389,16 @@ pub(super) fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
                 "next": next,
             }
         }),
+    )
+}
+
+/// One JSON:API `invalid` error for the profile field at `pointer`.
+fn invalid_field(detail: &str, pointer: String) -> Value {
+    error_object(
+        400,
+        "invalid",
+        "Invalid input.",
+        detail,
+        json!({ "pointer": pointer }),
     )
 }

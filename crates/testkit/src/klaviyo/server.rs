@@ -10,9 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,31 +20,13 @@ use super::{KlaviyoFault, RequestRecord, Route, State};
 
 const JSON_API: &str = "application/vnd.api+json";
 
+/// Serves the Klaviyo stand-in until `stopped` flips.
 pub(super) async fn serve(
     listener: TcpListener,
     state: Arc<State>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-            _ = stopped.changed() => return,
-        };
-        let st = state.clone();
-        let mut stopped_conn = stopped.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let st = st.clone();
-                async move { handle(st, req).await.map(crate::http::finish_answer) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = conn => {}
-                _ = stopped_conn.changed() => {}
-            }
-        });
-    }
+    crate::http::serve(listener, state, stopped, handle).await
 }
 
 /// A scripted connection drop: hyper closes the socket when the service errors.

@@ -37,7 +37,7 @@ pub fn password_account() -> Result<PasswordAccount, String> {
 }
 
 fn create_password_account() -> Result<PasswordAccount, String> {
-    if !is_root() {
+    if !crate::is_root() {
         return Err(format!(
             "password authentication needs the local account `{PASSWORD_USER}`, which only root can create"
         ));
@@ -142,18 +142,6 @@ fn passwd_entry(user: &str) -> Option<Vec<String>> {
     text.lines()
         .map(|l| l.split(':').map(str::to_string).collect::<Vec<_>>())
         .find(|f| f.first().map(String::as_str) == Some(user))
-}
-
-/// Whether this process runs as root (effective uid 0).
-pub(super) fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// The name of the user running the tests (key logins use it).

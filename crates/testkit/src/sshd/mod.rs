@@ -32,8 +32,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use self::account::{current_user, is_root};
+use self::account::current_user;
 pub use self::account::{password_account, PasswordAccount, PASSWORD_FILE, PASSWORD_USER};
+use crate::is_root;
 
 /// The OpenSSH server binary (absolute: sshd re-executes itself).
 pub const SSHD: &str = "/usr/sbin/sshd";
