@@ -128,6 +128,24 @@ impl<S, M> TypedDestination<S, M> {
     }
 }
 
+impl<S, M> TypedDestination<S, M>
+where
+    S: Any + Clone + Send + Sync,
+    M: AsyncDestinationManager,
+{
+    /// Validates `config` (every problem at once) and builds the manager in
+    /// one call, for tests, benchmarks and tools that hold a raw config
+    /// table rather than settings the registry validated; no network I/O.
+    pub fn validate_and_build(
+        &self,
+        ctx: &DestinationContext,
+        config: &serde_json::Value,
+    ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
+        let settings = Destination::validate(self, config)?;
+        Destination::build(self, &settings, ctx)
+    }
+}
+
 impl<S, M> Destination for TypedDestination<S, M>
 where
     S: Any + Clone + Send + Sync,
@@ -343,6 +361,30 @@ mod tests {
         assert_eq!(settings.get::<u8>(), Ok(&1));
         assert!(settings.get::<u16>().is_err());
         assert_eq!(t.config_keys(), KEYS);
+    }
+
+    #[test]
+    fn validate_and_build_reports_the_validate_problems_before_building() {
+        fn refuse(_: &serde_json::Value) -> Result<u8, ConfigProblems> {
+            Err(ConfigProblems(vec!["a".into(), "b".into()]))
+        }
+        let ctx = DestinationContext {
+            id: "t1".into(),
+            destination_type: "T".into(),
+            telemetry: Arc::new(crate::NoopTelemetry),
+        };
+        let refused = TypedDestination::new("T", KEYS, &["url", "timeout"], refuse, build);
+        let err = refused
+            .validate_and_build(&ctx, &serde_json::json!({}))
+            .err()
+            .unwrap();
+        assert_eq!(err.0, vec!["a".to_string(), "b".to_string()]);
+        let valid = TypedDestination::new("T", KEYS, &["url", "timeout"], parse, build);
+        let err = valid
+            .validate_and_build(&ctx, &serde_json::json!({}))
+            .err()
+            .unwrap();
+        assert_eq!(err, ConfigProblems::one("not built in this test"));
     }
 
     #[test]

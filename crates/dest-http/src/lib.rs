@@ -17,30 +17,14 @@ pub mod destination;
 pub mod transform;
 pub mod upload;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
-use batchrouter_core::{
-    AsyncDestinationManager, ConfigProblems, DestinationContext, Job, StagedBatch, TransformError,
-    UploadOutput, Uploader,
-};
+use batchrouter_core::{Job, StagedBatch, TransformError, UploadOutput, Uploader};
 
 pub use config::{HttpConfig, Method, Mode, CONFIG_KEYS};
 pub use destination::HttpDestination;
 
 /// The type name users write in `[[destinations]] type = "HTTP"`.
 pub const DESTINATION_TYPE: &str = "HTTP";
-
-/// Validates the config (every problem at once) and builds the manager.
-/// No network I/O happens here.
-pub fn build(
-    ctx: &DestinationContext,
-    config: &serde_json::Value,
-) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    use batchrouter_core::Destination;
-    let settings = HttpDestination.validate(config)?;
-    HttpDestination.build(&settings, ctx)
-}
 
 /// The fire-and-forget uploader behind the `HTTP` destination.
 pub struct HttpUploader {

@@ -45,7 +45,7 @@ impl Target for Http {
         ctx: &DestinationContext,
         config: &Value,
     ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-        batchrouter_dest_http::build(ctx, config)
+        batchrouter_dest_http::HttpDestination.validate_and_build(ctx, config)
     }
 
     fn payload(&self, key: &str) -> String {

@@ -21,15 +21,16 @@ use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use serde_json::json;
 
 fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
-    batchrouter_dest_http::build(
-        &DestinationContext {
-            id: "h".into(),
-            destination_type: "HTTP".into(),
-            telemetry: Arc::new(NoopTelemetry),
-        },
-        &config,
-    )
-    .unwrap()
+    batchrouter_dest_http::HttpDestination
+        .validate_and_build(
+            &DestinationContext {
+                id: "h".into(),
+                destination_type: "HTTP".into(),
+                telemetry: Arc::new(NoopTelemetry),
+            },
+            &config,
+        )
+        .unwrap()
 }
 
 fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: i64) -> StagedBatch {

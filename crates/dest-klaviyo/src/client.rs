@@ -121,29 +121,25 @@ struct ErrorDocument {
 
 /// One JSON:API error object.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct ApiErrorItem {
     /// Machine code, e.g. `invalid`.
-    #[serde(default)]
     pub code: Option<String>,
     /// Short title.
-    #[serde(default)]
     pub title: Option<String>,
     /// The explanation users need.
-    #[serde(default)]
     pub detail: Option<String>,
     /// Where in the request the problem is.
-    #[serde(default)]
     pub source: Option<ErrorSource>,
 }
 
 /// JSON:API `source` of an error.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct ErrorSource {
     /// JSON pointer into the request body.
-    #[serde(default)]
     pub pointer: Option<String>,
     /// Query parameter or header at fault.
-    #[serde(default)]
     pub parameter: Option<String>,
 }
 

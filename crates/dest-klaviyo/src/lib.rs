@@ -36,8 +36,6 @@ pub mod stats;
 pub mod transform;
 pub mod upload;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use batchrouter_core::{
     AsyncDestinationManager, ConfigProblems, DestinationContext, DestinationError, ImportHandle,
@@ -49,17 +47,6 @@ pub use destination::KlaviyoDestination;
 
 /// The destination type name users write and the registry lists.
 pub const DESTINATION_TYPE: &str = "KLAVIYO_BULK_UPLOAD";
-
-/// Validates `config` fully (every problem, not just the first) and builds
-/// the manager. No network I/O: the client connects on first use.
-pub fn build(
-    ctx: &DestinationContext,
-    config: &serde_json::Value,
-) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    use batchrouter_core::Destination;
-    let settings = KlaviyoDestination.validate(config)?;
-    KlaviyoDestination.build(&settings, ctx)
-}
 
 /// The manager of one Klaviyo destination; holds only the client and the
 /// rate limiter, never per-import state.

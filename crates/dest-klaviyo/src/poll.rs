@@ -34,21 +34,17 @@ pub struct JobResource {
 
 /// Status and counts of an import job.
 #[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 pub struct JobAttributes {
     /// `queued`, `processing`, `complete`, `cancelled`.
-    #[serde(default)]
     pub status: Option<String>,
     /// Profiles in the job.
-    #[serde(default)]
     pub total_count: Option<u64>,
     /// Profiles processed so far.
-    #[serde(default)]
     pub completed_count: Option<u64>,
     /// Profiles that failed.
-    #[serde(default)]
     pub failed_count: Option<u64>,
     /// Set once the job ended.
-    #[serde(default)]
     pub completed_at: Option<String>,
 }
 

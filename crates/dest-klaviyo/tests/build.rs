@@ -1,4 +1,4 @@
-//! The factory entry points: `build` validates everything and does no I/O.
+//! The factory entry point: `validate_and_build` validates everything and does no I/O.
 
 #![allow(
     clippy::unwrap_used,
@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use batchrouter_core::{DestinationContext, NoopTelemetry};
-use batchrouter_dest_klaviyo::{build, CONFIG_KEYS, DESTINATION_TYPE};
+use batchrouter_dest_klaviyo::{KlaviyoDestination, CONFIG_KEYS, DESTINATION_TYPE};
 use serde_json::json;
 
 fn ctx() -> DestinationContext {
@@ -22,7 +22,7 @@ fn ctx() -> DestinationContext {
 
 #[test]
 fn build_lists_every_problem_of_a_bad_config() {
-    let err = build(
+    let err = KlaviyoDestination.validate_and_build(
         &ctx(),
         &json!({"privateApiKey": "", "revison": "2025-01-15", "baseUrl": "not a url", "maxProfilesPerRequest": 0}),
     )
@@ -62,16 +62,19 @@ fn build_needs_no_network_and_every_documented_key_is_accepted() {
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(sorted, documented);
-    let m = build(&ctx(), &config).expect("valid");
+    let m = KlaviyoDestination
+        .validate_and_build(&ctx(), &config)
+        .expect("valid");
     // One batch must fit in uploadTimeBudget at the configured rate: 8 min at
     // 150/min is 1,200 requests, half of them planned, of 10,000 profiles.
     assert_eq!(m.limits().max_events, Some(6_000_000));
     assert!(m.limits().max_upload_bytes.is_some());
-    let slow = build(
-        &ctx(),
-        &json!({"privateApiKey": "pk_x", "rateLimitPerMinute": 10, "uploadTimeBudget": "1m"}),
-    )
-    .expect("valid");
+    let slow = KlaviyoDestination
+        .validate_and_build(
+            &ctx(),
+            &json!({"privateApiKey": "pk_x", "rateLimitPerMinute": 10, "uploadTimeBudget": "1m"}),
+        )
+        .expect("valid");
     assert_eq!(
         slow.limits().max_events,
         Some(50_000),

@@ -42,7 +42,7 @@ impl Target for Klaviyo {
         ctx: &DestinationContext,
         config: &Value,
     ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-        batchrouter_dest_klaviyo::build(ctx, config)
+        batchrouter_dest_klaviyo::KlaviyoDestination.validate_and_build(ctx, config)
     }
 
     fn payload(&self, key: &str) -> String {

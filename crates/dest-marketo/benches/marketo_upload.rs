@@ -68,7 +68,9 @@ fn main() {
         ],
         "passUnmappedFields": true,
     });
-    let manager = batchrouter_dest_marketo::build(&ctx, &config).expect("config");
+    let manager = batchrouter_dest_marketo::MarketoDestination
+        .validate_and_build(&ctx, &config)
+        .expect("config");
     let dir = tempfile::tempdir().expect("temp dir");
 
     let rss_start = peak_rss_kib().unwrap_or(0);

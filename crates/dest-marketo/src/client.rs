@@ -79,22 +79,17 @@ pub struct ImportCreated {
 
 /// `result[0]` of `GET /bulk/v1/leads/batch/{id}.json`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct BatchStatus {
     /// `Queued`, `Importing`, `Complete` or `Failed`.
-    #[serde(default)]
     pub status: String,
     /// Rows processed so far.
-    #[serde(default)]
     pub num_of_leads_processed: Option<u64>,
     /// Rows rejected (listed in failures.json).
-    #[serde(default)]
     pub num_of_rows_failed: Option<u64>,
     /// Rows imported with a warning (listed in warnings.json).
-    #[serde(default)]
     pub num_of_rows_with_warning: Option<u64>,
     /// Marketo's text, e.g. the failure reason of a `Failed` import.
-    #[serde(default)]
     pub message: Option<String>,
 }
 

@@ -40,17 +40,6 @@ pub use destination::MarketoDestination;
 /// The type name users write and the registry lists this destination under.
 pub const DESTINATION_TYPE: &str = "MARKETO_BULK_UPLOAD";
 
-/// Validates the config (every problem at once) and builds the manager.
-/// No network I/O: the token is fetched on the first call.
-pub fn build(
-    ctx: &DestinationContext,
-    config: &serde_json::Value,
-) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    use batchrouter_core::Destination;
-    let settings = MarketoDestination.validate(config)?;
-    MarketoDestination.build(&settings, ctx)
-}
-
 /// The largest staged batch reported to the router: half of what ten full
 /// files hold. A file of rows that carry the same fields is never larger than
 /// their staged JSON, and greedy filling leaves each file plus the next

@@ -45,7 +45,7 @@ impl Target for Marketo {
         ctx: &DestinationContext,
         config: &Value,
     ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-        batchrouter_dest_marketo::build(ctx, config)
+        batchrouter_dest_marketo::MarketoDestination.validate_and_build(ctx, config)
     }
 
     fn payload(&self, key: &str) -> String {

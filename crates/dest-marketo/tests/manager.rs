@@ -858,7 +858,8 @@ async fn build_rejects_bad_config_with_every_problem() {
         destination_type: "MARKETO_BULK_UPLOAD".into(),
         telemetry: std::sync::Arc::new(batchrouter_core::NoopTelemetry),
     };
-    let err = batchrouter_dest_marketo::build(&ctx, &bad)
+    let err = batchrouter_dest_marketo::MarketoDestination
+        .validate_and_build(&ctx, &bad)
         .err()
         .expect("rejected");
     assert!(
@@ -869,7 +870,8 @@ async fn build_rejects_bad_config_with_every_problem() {
     );
     let mut bad = bad;
     bad.as_object_mut().unwrap().remove("clientID");
-    let err = batchrouter_dest_marketo::build(&ctx, &bad)
+    let err = batchrouter_dest_marketo::MarketoDestination
+        .validate_and_build(&ctx, &bad)
         .err()
         .expect("rejected");
     let text = err.to_string();

@@ -101,10 +101,12 @@ fn main() {
             "knownHosts": sshd.known_hosts_path().to_str().unwrap(),
         })
     };
-    let json_manager = batchrouter_dest_sftp::build(&ctx, &config("json", "json"))
+    let json_manager = batchrouter_dest_sftp::SftpDestination
+        .validate_and_build(&ctx, &config("json", "json"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let csv_manager =
-        batchrouter_dest_sftp::build(&ctx, &config("csv", "csv")).unwrap_or_else(|e| panic!("{e}"));
+    let csv_manager = batchrouter_dest_sftp::SftpDestination
+        .validate_and_build(&ctx, &config("csv", "csv"))
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let upload = |m: &Arc<dyn AsyncDestinationManager>, id: &str| -> (Duration, f64) {
         let b = batch(id);

@@ -1,7 +1,7 @@
 //! SFTP file drops (`SFTP`): every batch becomes one file on an SSH server.
 //!
 //! A fire-and-forget destination: [`SftpUploader`] implements
-//! [`batchrouter_core::Uploader`] and [`build`] wraps it in
+//! [`batchrouter_core::Uploader`] and [`SftpDestination`] wraps it in
 //! [`batchrouter_core::SimpleAsyncDestinationManager`], so delivery is final
 //! when `upload` returns.
 //!
@@ -48,10 +48,6 @@ mod strays;
 pub mod transform;
 pub mod upload;
 
-use std::sync::Arc;
-
-use batchrouter_core::{AsyncDestinationManager, ConfigProblems, DestinationContext};
-
 pub use config::{Auth, FileFormat, HostKeyPolicy, KeySource, Settings};
 pub use destination::SftpDestination;
 pub use error::SftpError;
@@ -62,14 +58,3 @@ pub const DESTINATION_TYPE: &str = "SFTP";
 
 /// Every key accepted under `[destinations.config]`, for did-you-mean hints.
 pub const CONFIG_KEYS: &[&str] = config::CONFIG_KEYS;
-
-/// Validates the config (listing every problem) and builds the manager; no
-/// network I/O happens here, the SSH session is opened on the first upload.
-pub fn build(
-    ctx: &DestinationContext,
-    config: &serde_json::Value,
-) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-    use batchrouter_core::Destination;
-    let settings = SftpDestination.validate(config)?;
-    SftpDestination.build(&settings, ctx)
-}

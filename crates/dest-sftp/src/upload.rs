@@ -37,7 +37,7 @@ pub const IN_FLIGHT: usize = 4 << 20;
 const FILE_MODE: i32 = 0o644;
 
 /// The SFTP fire-and-forget uploader (wrap it in
-/// [`batchrouter_core::SimpleAsyncDestinationManager`]; [`crate::build`] does).
+/// [`batchrouter_core::SimpleAsyncDestinationManager`]; [`crate::SftpDestination`] does).
 pub struct SftpUploader {
     shared: Arc<Shared>,
 }

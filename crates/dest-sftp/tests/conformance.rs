@@ -48,7 +48,7 @@ impl Target for Sftp {
         ctx: &DestinationContext,
         config: &Value,
     ) -> Result<Arc<dyn AsyncDestinationManager>, ConfigProblems> {
-        batchrouter_dest_sftp::build(ctx, config)
+        batchrouter_dest_sftp::SftpDestination.validate_and_build(ctx, config)
     }
 
     fn payload(&self, key: &str) -> String {

@@ -70,7 +70,8 @@ async fn key_auth_csv_arrives_byte_for_byte() {
     let dir = remote_dir(&sshd, "csv");
     let cfg = key_config(&sshd, "csv", &format!("{}/{{batchID}}.csv", dir.display()));
     let ctx_rec = Arc::new(common::Recorder::default());
-    let manager = batchrouter_dest_sftp::build(&common::ctx(&ctx_rec), &cfg)
+    let manager = batchrouter_dest_sftp::SftpDestination
+        .validate_and_build(&common::ctx(&ctx_rec), &cfg)
         .unwrap_or_else(|e| panic!("{e}"));
     let (u, _) = uploader(&cfg);
     let local = tempfile::tempdir().unwrap();
@@ -983,7 +984,7 @@ fn build_lists_every_config_problem_and_does_no_io() {
         "filePath": "out/{date}/{batchID}.csv",
         "hostKeyFingerprint": "SHA256:nope",
     });
-    match batchrouter_dest_sftp::build(&ctx, &bad) {
+    match batchrouter_dest_sftp::SftpDestination.validate_and_build(&ctx, &bad) {
         Ok(_) => panic!("bad config accepted"),
         Err(p) => {
             let all = p.0.join("\n");
@@ -1004,7 +1005,9 @@ fn build_lists_every_config_problem_and_does_no_io() {
         "fileFormat": "csv", "filePath": "{batchID}.csv", "insecureSkipHostKeyCheck": true,
     });
     let started = Instant::now();
-    let m = batchrouter_dest_sftp::build(&ctx, &good).unwrap_or_else(|e| panic!("{e}"));
+    let m = batchrouter_dest_sftp::SftpDestination
+        .validate_and_build(&ctx, &good)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(started.elapsed() < Duration::from_millis(500));
     assert!(m.limits().max_upload_bytes.is_none());
     assert!(rec.statuses().is_empty(), "no request at build");
@@ -1017,8 +1020,9 @@ fn bad_records_fail_alone_in_transform() {
         "host": "127.0.0.1", "username": "u", "authMethod": "passwordAuth", "password": "p",
         "fileFormat": "csv", "filePath": "{batchID}.csv", "insecureSkipHostKeyCheck": true,
     });
-    let m =
-        batchrouter_dest_sftp::build(&common::ctx(&rec), &good).unwrap_or_else(|e| panic!("{e}"));
+    let m = batchrouter_dest_sftp::SftpDestination
+        .validate_and_build(&common::ctx(&rec), &good)
+        .unwrap_or_else(|e| panic!("{e}"));
     let job = |payload: &str| batchrouter_core::Job {
         id: 1,
         destination_id: "d".into(),

@@ -276,9 +276,10 @@ impl Drop for HttpStandIn {
     }
 }
 
-/// A dropped connection: hyper closes the socket when the service errors.
+/// A scripted connection drop: hyper closes the socket when the service
+/// errors (shared by every stand-in's handler).
 #[derive(Debug)]
-struct Dropped;
+pub(crate) struct Dropped;
 
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

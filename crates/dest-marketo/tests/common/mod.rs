@@ -46,7 +46,9 @@ pub fn manager_with(config: &Value) -> (Arc<dyn AsyncDestinationManager>, Arc<Re
         destination_type: batchrouter_dest_marketo::DESTINATION_TYPE.into(),
         telemetry: telemetry.clone(),
     };
-    let m = batchrouter_dest_marketo::build(&ctx, config).expect("valid config");
+    let m = batchrouter_dest_marketo::MarketoDestination
+        .validate_and_build(&ctx, config)
+        .expect("valid config");
     (m, telemetry)
 }
 

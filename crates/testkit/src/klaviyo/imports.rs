@@ -254,17 +254,22 @@ fn finish(st: &State, import: &mut Import) {
     }
 }
 
+/// Klaviyo's 404 for an import job id it does not know (status and errors).
+fn import_not_found(id: &str) -> Answer {
+    error(
+        404,
+        "not_found",
+        "Not found.",
+        &format!("Import job '{id}' does not exist."),
+        None,
+    )
+}
+
 /// The import job `id`, advancing it one poll.
 pub(super) fn status(st: &State, id: &str) -> Answer {
     let mut imports = st.imports.lock().unwrap();
     let Some(import) = imports.get_mut(id) else {
-        return error(
-            404,
-            "not_found",
-            "Not found.",
-            &format!("Import job '{id}' does not exist."),
-            None,
-        );
+        return import_not_found(id);
     };
     if matches!(import.status, "queued" | "processing") {
         import.polls += 1;
@@ -314,13 +319,7 @@ fn job_resource(i: &Import, polls_to_complete: u32, list_ids: Option<&[String]>)
 pub(super) fn errors_page(st: &State, id: &str, query: Option<&str>) -> Answer {
     let imports = st.imports.lock().unwrap();
     let Some(import) = imports.get(id) else {
-        return error(
-            404,
-            "not_found",
-            "Not found.",
-            &format!("Import job '{id}' does not exist."),
-            None,
-        );
+        return import_not_found(id);
     };
     let cursor = query_param(query, "page[cursor]");
     let size = match query_param(query, "page[size]") {

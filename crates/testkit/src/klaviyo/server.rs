@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::imports::{create, errors_page, status};
 use super::{KlaviyoFault, RequestRecord, Route, State};
+use crate::http::Dropped;
 
 const JSON_API: &str = "application/vnd.api+json";
 
@@ -28,18 +29,6 @@ pub(super) async fn serve(
 ) {
     crate::http::serve(listener, state, stopped, handle).await
 }
-
-/// A scripted connection drop: hyper closes the socket when the service errors.
-#[derive(Debug)]
-struct Dropped;
-
-impl std::fmt::Display for Dropped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("scripted connection drop")
-    }
-}
-
-impl std::error::Error for Dropped {}
 
 pub(super) type Answer = Response<Full<Bytes>>;
 
