@@ -23,11 +23,6 @@ pub struct ConfigKey {
     pub doc: &'static str,
 }
 
-/// The names of `keys`, in order (for "did you mean" hints).
-pub fn key_names(keys: &[ConfigKey]) -> Vec<&'static str> {
-    keys.iter().map(|k| k.name).collect()
-}
-
 /// A destination's validated config, opaque to everything but the
 /// destination that produced it (which reads it back in [`Destination::build`]).
 #[derive(Clone)]

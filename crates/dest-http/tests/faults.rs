@@ -13,25 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{
-    validate_upload_output, AsyncDestinationManager, DestinationContext, ErrorCode, NoopTelemetry,
-    Outcome, StagedBatch, Timestamp, UploadOutput,
+    validate_upload_output, AsyncDestinationManager, ErrorCode, Outcome, StagedBatch, Timestamp,
+    UploadOutput,
 };
 use batchrouter_testkit::http::{Fault, HttpStandIn};
 use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use serde_json::json;
 
-fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
-    batchrouter_dest_http::HttpDestination
-        .validate_and_build(
-            &DestinationContext {
-                id: "h".into(),
-                destination_type: "HTTP".into(),
-                telemetry: Arc::new(NoopTelemetry),
-            },
-            &config,
-        )
-        .unwrap()
-}
+mod common;
+use common::manager;
 
 fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: i64) -> StagedBatch {
     let spec = BatchSpec::new("h", "HTTP")

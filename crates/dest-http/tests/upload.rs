@@ -11,25 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use batchrouter_core::{
-    AsyncDestinationManager, DestinationContext, ErrorCode, Job, NoopTelemetry, Outcome,
-    StagedBatch, Timestamp, UploadOutput,
+    AsyncDestinationManager, ErrorCode, Job, Outcome, StagedBatch, Timestamp, UploadOutput,
 };
 use batchrouter_testkit::http::{Fault, HttpStandIn};
 use batchrouter_testkit::manager::{self as kit, BatchSpec};
 use serde_json::json;
 
-fn manager(config: serde_json::Value) -> Arc<dyn AsyncDestinationManager> {
-    batchrouter_dest_http::HttpDestination
-        .validate_and_build(
-            &DestinationContext {
-                id: "h".into(),
-                destination_type: "HTTP".into(),
-                telemetry: Arc::new(NoopTelemetry),
-            },
-            &config,
-        )
-        .unwrap()
-}
+mod common;
+use common::manager;
 
 /// Stages `n` records the way the router does and returns the batch.
 fn stage(m: &Arc<dyn AsyncDestinationManager>, dir: &std::path::Path, n: usize) -> StagedBatch {
